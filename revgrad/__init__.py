@@ -1,0 +1,34 @@
+"""revgrad: memory-saving backprop for reversible and invertible networks, with checked reconstruction.
+
+Wrap a network of blocks (modules with ``forward`` and ``inverse``) with :func:`reversible`; train as
+usual. Activation memory stays nearly flat in depth and gradients equal plain autograd's, because
+every rebuilt activation is checked against a fingerprint stored in forward.
+"""
+
+from .anchors import AdaptiveAnchors
+from .couplings import AdditiveCoupling, AffineCoupling
+from .engine import EngineConfig, run_chain
+from .fingerprint import default_tol, fingerprint
+from .protocol import BlockError, FusedBlock, ReconstructionError, is_block
+from .report import BackwardReport
+from .sequential import ReversibleSequential, reversible
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveAnchors",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "BackwardReport",
+    "BlockError",
+    "EngineConfig",
+    "FusedBlock",
+    "ReconstructionError",
+    "ReversibleSequential",
+    "__version__",
+    "default_tol",
+    "fingerprint",
+    "is_block",
+    "reversible",
+    "run_chain",
+]

@@ -1,0 +1,328 @@
+"""Coupling blocks: additive (RevNet) and affine (Glow / RealNVP), with fused backward.
+
+Both split the input along dim 1 into ``x1 = x[:, :C//2]`` and ``x2 = x[:, C//2:]``.
+
+Additive (Gomez et al. 2017)::
+
+    y1 = x1 + f(x2)            x2 = y2 - g(y1)
+    y2 = x2 + g(y1)            x1 = y1 - f(x2)
+
+Affine (Dinh et al. 2017, Kingma & Dhariwal 2018), ``[shift, raw] = net(x1)`` split in channel halves::
+
+    y1 = x1                    x1 = y1
+    y2 = (x2 + shift) * s      x2 = y2 / s - shift
+    logdet = sum(log s) over all non-batch dimensions
+
+with the scale ``s`` one of
+
+* ``"sigmoid"`` (Glow): ``s = sigmoid(raw + 2)``, in (0, 1): the forward contracts, the inverse
+  divides by ``s`` and can explode (the paper's main example);
+* ``"exp"`` (RealNVP): ``s = exp(raw)``, unbounded both ways;
+* ``"bounded"``: ``s = exp(log(bound) * tanh(raw))``, in (1/bound, bound): bi-Lipschitz.
+
+Fused backward: the inverse evaluates each sub-network once, with grad, at the point the VJP needs
+(``g`` at ``y1`` then ``f`` at the rebuilt ``x2``; ``net`` at ``x1 = y1``), so a block costs one
+extra evaluation of its sub-networks per step, not two. The affine VJP needs only ``y2``, ``raw``
+and the incoming gradients::
+
+    dx2 = dy2 * s,   dshift = dy2 * s,   draw = (dy2 * y2 + dlogdet) * dlog(s)/draw
+
+The elementwise parts are the reference twins of the Triton kernels (``revgrad.kernels``); they
+compute in float32 (float64 for float64 inputs) whatever the conditioner's output dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .protocol import VJP, BlockError
+from .replay import RngTape
+
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "affine_backward_reference",
+    "affine_forward_reference",
+    "affine_inverse_reference",
+]
+
+ScaleKind = Literal["sigmoid", "exp", "bounded"]
+_SCALES = ("sigmoid", "exp", "bounded")
+
+
+def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    c1 = x.shape[1] // 2
+    return x[:, :c1], x[:, c1:]
+
+
+def _replay(tape: RngTape | None, mark: int) -> contextlib.AbstractContextManager[None]:
+    return tape.replay(mark) if tape is not None else contextlib.nullcontext()
+
+
+def _mark(tape: RngTape | None) -> None:
+    if tape is not None:
+        tape.mark()
+
+
+def _grad_of(
+    output: torch.Tensor, wrt: Sequence[torch.Tensor], grad: torch.Tensor
+) -> list[torch.Tensor | None]:
+    if not output.requires_grad or not wrt:
+        return [None] * len(wrt)
+    return list(torch.autograd.grad(output, wrt, grad.to(output.dtype), allow_unused=True))
+
+
+def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if a is None:
+        return b
+    return a if b is None else a + b
+
+
+class _Coupling(nn.Module):
+    def _check_split(self, x: torch.Tensor) -> None:
+        if x.dim() < 2 or x.shape[1] < 2:
+            raise BlockError(
+                f"revgrad: {type(self).__name__} splits dim 1 in halves and needs at least 2 channels; "
+                f"got an input of shape {tuple(x.shape)}"
+            )
+
+    def _check_out(self, name: str, out: torch.Tensor, like: torch.Size, what: str) -> None:
+        if not isinstance(out, torch.Tensor) or out.shape != like:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise BlockError(
+                f"revgrad: {type(self).__name__}.{name} returned {shape}; expected {tuple(like)} ({what})"
+            )
+
+
+class AdditiveCoupling(_Coupling):
+    """RevNet block: ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)`` on the halves of dim 1.
+
+    Args:
+        f: maps ``x2`` (``[B, C - C//2, ...]``) to the shape of ``x1`` (``[B, C//2, ...]``).
+        g: maps ``y1`` (``[B, C//2, ...]``) to the shape of ``x2``.
+
+    Shapes: ``x, y: [B, C, ...]``. Lipschitz bounds: forward and inverse both at most
+    ``(1 + Lip f)(1 + Lip g)``.
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module) -> None:
+        super().__init__()
+        self.f = f
+        self.g = g
+
+    def _f(self, x2: torch.Tensor, like: torch.Size) -> torch.Tensor:
+        out = self.f(x2)
+        self._check_out("f", out, like, "f maps x2 to x1's shape")
+        return out
+
+    def _g(self, y1: torch.Tensor, like: torch.Size) -> torch.Tensor:
+        out = self.g(y1)
+        self._check_out("g", out, like, "g maps y1 to x2's shape")
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, _ = self.forward_recording(x, None)
+        return y
+
+    def forward_recording(self, x: torch.Tensor, tape: RngTape | None) -> tuple[torch.Tensor, None]:
+        self._check_split(x)
+        x1, x2 = _halves(x)
+        _mark(tape)
+        y1 = x1 + self._f(x2, x1.shape)
+        _mark(tape)
+        y2 = x2 + self._g(y1, x2.shape)
+        return torch.cat([y1, y2], dim=1), None
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        self._check_split(y)
+        y1, y2 = _halves(y)
+        x2 = y2 - self._g(y1, y2.shape)
+        x1 = y1 - self._f(x2, y1.shape)
+        return torch.cat([x1, x2], dim=1)
+
+    def inverse_for_backward(
+        self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter]
+    ) -> tuple[torch.Tensor, VJP]:
+        self._check_split(y)
+        y1, y2 = _halves(y.detach())
+        with torch.enable_grad():
+            y1_ = y1.detach().requires_grad_()  # a leaf: g's VJP w.r.t. y1 is part of dL/dy1
+            with _replay(tape, 1):
+                g_out = self._g(y1_, y2.shape)
+            x2 = (y2 - g_out.detach()).requires_grad_()
+            with _replay(tape, 0):
+                f_out = self._f(x2, y1.shape)
+        x1 = y1.detach() - f_out.detach()
+        x = torch.cat([x1, x2.detach()], dim=1)
+        g_ids = {id(p) for p in self.g.parameters()}
+        f_ids = {id(p) for p in self.f.parameters()}
+        g_params = [p for p in params if id(p) in g_ids]
+        f_params = [p for p in params if id(p) in f_ids]
+
+        def vjp(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None):
+            gy1, gy2 = _halves(grad_y)
+            dy1, *dg = _grad_of(g_out, [y1_, *g_params], gy2)
+            gy1 = gy1 if dy1 is None else gy1 + dy1
+            dx2, *df = _grad_of(f_out, [x2, *f_params], gy1)
+            gx2 = gy2 if dx2 is None else gy2 + dx2
+            by_id: dict[int, torch.Tensor | None] = {}
+            for p, d in zip(g_params, dg):
+                by_id[id(p)] = d
+            for p, d in zip(f_params, df):
+                by_id[id(p)] = _add(by_id.get(id(p)), d)
+            return torch.cat([gy1, gx2], dim=1), tuple(by_id.get(id(p)) for p in params)
+
+        return x, vjp
+
+
+# --------------------------------------------------------------------------------------------------
+# Affine coupling: elementwise math (reference twins of the kernels).
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _log_scale(raw: torch.Tensor, kind: str, bound: float) -> torch.Tensor:
+    if kind == "sigmoid":
+        return F.logsigmoid(raw + 2.0)
+    if kind == "exp":
+        return raw
+    return math.log(bound) * torch.tanh(raw)
+
+
+def _dlog_scale(raw: torch.Tensor, kind: str, bound: float) -> torch.Tensor:
+    if kind == "sigmoid":
+        return torch.sigmoid(-(raw + 2.0))
+    if kind == "exp":
+        return torch.ones_like(raw)
+    t = torch.tanh(raw)
+    return math.log(bound) * (1.0 - t * t)
+
+
+def affine_forward_reference(
+    x2: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, kind: str = "sigmoid", bound: float = 2.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y2 = (x2 + shift) * s(raw)`` and ``logdet = sum(log s)`` per sample.
+
+    Shapes: ``x2, shift, raw, y2: [B, C2, ...]``; ``logdet: [B]`` (float32, float64 for float64 x2).
+    """
+    acc = _acc(x2.dtype)
+    log_s = _log_scale(raw.to(acc), kind, bound)
+    y2 = (x2.to(acc) + shift.to(acc)) * torch.exp(log_s)
+    return y2.to(x2.dtype), log_s.flatten(1).sum(1)
+
+
+def affine_inverse_reference(
+    y2: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, kind: str = "sigmoid", bound: float = 2.0
+) -> torch.Tensor:
+    """``x2 = y2 / s(raw) - shift``. Shapes as in :func:`affine_forward_reference`."""
+    acc = _acc(y2.dtype)
+    inv_s = torch.exp(-_log_scale(raw.to(acc), kind, bound))
+    return (y2.to(acc) * inv_s - shift.to(acc)).to(y2.dtype)
+
+
+def affine_backward_reference(
+    y2: torch.Tensor,
+    raw: torch.Tensor,
+    grad_y2: torch.Tensor,
+    grad_logdet: torch.Tensor | None,
+    kind: str = "sigmoid",
+    bound: float = 2.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx2, dshift, draw)`` from the output ``y2``, ``raw`` and the incoming gradients.
+
+    Shapes: ``y2, raw, grad_y2: [B, C2, ...]``, ``grad_logdet: [B]`` or None. ``dx2`` has ``y2``'s
+    dtype, ``dshift`` and ``draw`` ``raw``'s.
+    """
+    acc = _acc(y2.dtype)
+    raw_a = raw.to(acc)
+    s = torch.exp(_log_scale(raw_a, kind, bound))
+    gy = grad_y2.to(acc)
+    d_s = gy * s
+    inner = gy * y2.to(acc)
+    if grad_logdet is not None:
+        inner = inner + grad_logdet.to(acc).view(-1, *([1] * (y2.dim() - 1)))
+    d_raw = inner * _dlog_scale(raw_a, kind, bound)
+    return d_s.to(y2.dtype), d_s.to(raw.dtype), d_raw.to(raw.dtype)
+
+
+class AffineCoupling(_Coupling):
+    """Affine coupling: ``x1`` passes, ``y2 = (x2 + shift) * s(raw)`` with ``[shift, raw] = net(x1)``.
+
+    Args:
+        net: maps ``x1`` (``[B, C//2, ...]``) to ``[B, 2 * (C - C//2), ...]``: the first half of its
+            channels is the shift, the second half the raw scale.
+        scale: ``"sigmoid"`` (Glow, ``sigmoid(raw + 2)``), ``"exp"`` (RealNVP) or ``"bounded"``
+            (``exp(log(bound) * tanh(raw))``, kept in ``(1/bound, bound)``).
+        bound: the bound for ``scale="bounded"`` (> 1).
+
+    ``forward(x) -> (y, logdet)`` with ``logdet: [B]``; ``inverse(y) -> x``.
+    """
+
+    def __init__(self, net: nn.Module, scale: ScaleKind = "sigmoid", bound: float = 2.0) -> None:
+        super().__init__()
+        if scale not in _SCALES:
+            raise ValueError(f"revgrad: AffineCoupling scale must be one of {_SCALES}, got {scale!r}")
+        if scale == "bounded" and not bound > 1.0:
+            raise ValueError(f"revgrad: AffineCoupling bound must be > 1, got {bound}")
+        self.net = net
+        self.scale = scale
+        self.bound = float(bound)
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale!r}" + (f", bound={self.bound}" if self.scale == "bounded" else "")
+
+    def _conditioner(self, x1: torch.Tensor, x2_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.net(x1)
+        like = torch.Size((x2_shape[0], 2 * x2_shape[1], *x2_shape[2:]))
+        self._check_out("net", h, like, "net maps x1 to [shift, raw scale] for x2")
+        shift, raw = h.chunk(2, dim=1)
+        return h, shift, raw
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_recording(x, None)
+
+    def forward_recording(self, x: torch.Tensor, tape: RngTape | None) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_split(x)
+        x1, x2 = _halves(x)
+        _mark(tape)
+        _, shift, raw = self._conditioner(x1, x2.shape)
+        y2, logdet = affine_forward_reference(x2, shift, raw, self.scale, self.bound)
+        return torch.cat([x1, y2], dim=1), logdet
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        self._check_split(y)
+        y1, y2 = _halves(y)
+        _, shift, raw = self._conditioner(y1, y2.shape)
+        return torch.cat([y1, affine_inverse_reference(y2, shift, raw, self.scale, self.bound)], dim=1)
+
+    def inverse_for_backward(
+        self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter]
+    ) -> tuple[torch.Tensor, VJP]:
+        self._check_split(y)
+        y1, y2 = _halves(y.detach())
+        with torch.enable_grad():
+            x1 = y1.detach().requires_grad_()
+            with _replay(tape, 0):
+                h, shift, raw = self._conditioner(x1, y2.shape)
+        x2 = affine_inverse_reference(y2, shift.detach(), raw.detach(), self.scale, self.bound)
+        x = torch.cat([y1.detach(), x2], dim=1)
+
+        def vjp(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None):
+            gy1, gy2 = _halves(grad_y)
+            dx2, dshift, draw = affine_backward_reference(
+                y2, raw.detach(), gy2, grad_logdet, self.scale, self.bound
+            )
+            dx1, *dp = _grad_of(h, [x1, *params], torch.cat([dshift, draw], dim=1))
+            gx1 = gy1 if dx1 is None else gy1 + dx1
+            return torch.cat([gx1, dx2], dim=1), tuple(dp)
+
+        return x, vjp

@@ -1,0 +1,464 @@
+"""The engine: memory-saving backprop through a chain of blocks, with checked reconstruction.
+
+Forward (one ``torch.autograd.Function``, blocks run under ``no_grad``) keeps only the chain's output,
+per block a fingerprint of its input (``check != "off"``), RNG snapshots when the block drew random
+numbers, the buffers it wrote, and the anchors (exact block inputs; ``check="correct"`` only).
+
+Backward, for block ``i`` from the top, with ``y`` its (trusted) output and ``gy = dL/dy``:
+
+1. ``x`` = the stored anchor, or the exact input from an earlier correction, else ``x`` rebuilt by the
+   block's inverse (fused couplings also return the recompute graph: one sub-network evaluation);
+2. a rebuilt ``x`` is compared with its fingerprint before anything uses it; a relative error above
+   ``tol`` (or NaN/Inf) raises :class:`ReconstructionError` (``"detect"``), or (``"correct"``) the
+   chain runs forward again from the nearest anchor below, keeping that segment's exact inputs for
+   the blocks below and using the exact ``x``;
+3. the VJP of the block at ``x`` (recomputed with grad, RNG and autocast replayed, buffers shielded)
+   gives ``dL/dx`` and the block's parameter gradients, which ``backward`` returns through autograd.
+
+Gradients therefore reach parameters as outputs of ``backward``: ``torch.autograd.grad``, hooks and
+DDP see them as they would with plain autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .anchors import AdaptiveAnchors, regular_anchors
+from .fingerprint import default_tol, fingerprint, relative_error
+from .protocol import (
+    VJP,
+    BlockError,
+    FusedBlock,
+    ReconstructionError,
+    block_name,
+    check_inverse_output,
+    split_output,
+)
+from .replay import AutocastState, BufferGuard, RngTape
+from .report import BackwardReport
+
+__all__ = ["CHECK_MODES", "EngineConfig", "run_chain"]
+
+logger = logging.getLogger("revgrad")
+
+CheckMode = Literal["off", "detect", "correct"]
+CHECK_MODES: tuple[str, ...] = ("off", "detect", "correct")
+
+
+@dataclass
+class EngineConfig:
+    """How a chain runs backward.
+
+    Attributes:
+        check: ``"off"`` (classic reversible backprop), ``"detect"`` (raise on a drifted
+            reconstruction) or ``"correct"`` (replace it by an exact recomputation from an anchor).
+        tol: relative reconstruction error allowed; ``None`` picks :func:`default_tol` of the
+            compute dtype (the autocast dtype when autocast is on).
+        anchor_every: distance between regular anchors (``None``: ``ceil(sqrt(N))``).
+        preserve_rng_state: replay the generators' states in backward (dropout masks).
+        warn: emit a ``RuntimeWarning`` and a ``logging`` record on each correction.
+    """
+
+    check: CheckMode = "correct"
+    tol: float | None = None
+    anchor_every: int | None = None
+    preserve_rng_state: bool = True
+    warn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.check not in CHECK_MODES:
+            raise ValueError(f"revgrad: check must be one of {CHECK_MODES}, got {self.check!r}")
+        if self.tol is not None and not self.tol > 0:
+            raise ValueError(f"revgrad: tol must be positive, got {self.tol}")
+        if self.anchor_every is not None and (not isinstance(self.anchor_every, int) or self.anchor_every < 1):
+            raise ValueError(f"revgrad: anchor_every must be a positive integer, got {self.anchor_every!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Directions: the chain runs forward (forward, rebuilt by inverse) or as its inverse (the reverse).
+
+
+class _Forward:
+    name = "forward"
+
+    @staticmethod
+    def fused(block: nn.Module) -> bool:
+        return isinstance(block, FusedBlock)
+
+    @staticmethod
+    def record(block: nn.Module, i: int, h: torch.Tensor, tape: RngTape | None):
+        if tape is not None and isinstance(block, FusedBlock):
+            return block.forward_recording(h, tape)
+        if tape is not None:
+            tape.mark()
+        return split_output(block(h), i, block, h)
+
+    @staticmethod
+    def run(block: nn.Module, i: int, h: torch.Tensor):
+        return split_output(block(h), i, block, h)
+
+    @staticmethod
+    def undo(block: nn.Module, i: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
+        return check_inverse_output(block.inverse(y), i, block, rec.shape, rec.dtype)
+
+
+class _Inverse:
+    name = "inverse"
+
+    @staticmethod
+    def fused(block: nn.Module) -> bool:
+        return False
+
+    @staticmethod
+    def run(block: nn.Module, i: int, h: torch.Tensor):
+        out = block.inverse(h)
+        if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            out = out[0]
+        if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != h.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise BlockError(
+                f"revgrad: {block_name(i, block)}.inverse maps {tuple(h.shape)} to {shape}; "
+                "expected a tensor with the same batch dimension"
+            )
+        return out, None
+
+    @classmethod
+    def record(cls, block: nn.Module, i: int, h: torch.Tensor, tape: RngTape | None):
+        if tape is not None:
+            tape.mark()
+        return cls.run(block, i, h)
+
+    @staticmethod
+    def undo(block: nn.Module, i: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
+        x, _ = split_output(block(y), i, block, y)
+        if x.shape != rec.shape:
+            raise BlockError(
+                f"revgrad: {block_name(i, block)} maps {tuple(y.shape)} to {tuple(x.shape)}, but its "
+                f"inverse was given {tuple(rec.shape)}; forward(inverse(y)) must have y's shape"
+            )
+        return x if x.dtype == rec.dtype else x.to(rec.dtype)
+
+
+_DIRECTIONS = {"forward": _Forward, "inverse": _Inverse}
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Record:
+    """What forward keeps about one block's input: a few bytes plus a fingerprint."""
+
+    shape: torch.Size
+    dtype: torch.dtype
+    nbytes: int
+    tape: RngTape | None
+    buffers: BufferGuard
+    fingerprint: torch.Tensor | None
+    has_logdet: bool
+
+    def replay(self) -> contextlib.AbstractContextManager[None]:
+        return self.tape.replay(0) if self.tape is not None else contextlib.nullcontext()
+
+
+@dataclass
+class _Chain:
+    """One call's static plan: blocks, their parameters, and the engine settings."""
+
+    blocks: list[nn.Module]
+    direction: type[_Forward] | type[_Inverse]
+    config: EngineConfig
+    params: list[torch.Tensor]
+    block_params: list[list[int]]
+    owner: object | None
+    adaptive: AdaptiveAnchors | None
+
+
+def _collect_params(blocks: list[nn.Module]) -> tuple[list[torch.Tensor], list[list[int]]]:
+    index: dict[int, int] = {}
+    params: list[torch.Tensor] = []
+    per_block: list[list[int]] = []
+    for block in blocks:
+        mine: list[int] = []
+        for p in block.parameters():
+            if not p.requires_grad:
+                continue
+            j = index.get(id(p))
+            if j is None:
+                j = index[id(p)] = len(params)
+                params.append(p)
+            mine.append(j)
+        per_block.append(mine)
+    return params, per_block
+
+
+def _compute_dtype(x: torch.Tensor, autocast: AutocastState) -> torch.dtype:
+    low = autocast.compute_dtype(x.device)
+    if low is not None and torch.finfo(low).eps > torch.finfo(x.dtype).eps:
+        return low
+    return x.dtype
+
+
+class _RevBackprop(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, chain: _Chain, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
+        cfg = chain.config
+        direction = chain.direction
+        autocast = AutocastState.capture(x.device)
+        checking = cfg.check != "off"
+        n = len(chain.blocks)
+        regular = regular_anchors(n, cfg.anchor_every) if cfg.check == "correct" else frozenset()
+        adaptive = chain.adaptive.indices if (cfg.check == "correct" and chain.adaptive) else frozenset()
+        stored = regular | adaptive
+
+        records: list[_Record] = []
+        anchor_at: list[int] = []
+        anchor_tensors: list[torch.Tensor] = []
+        logdet: torch.Tensor | None = None
+        h = x
+        for i, block in enumerate(chain.blocks):
+            if i in stored:
+                anchor_at.append(i)
+                anchor_tensors.append(h)
+            fp = fingerprint(h) if checking and i not in stored else None
+            tape = RngTape(h.device) if cfg.preserve_rng_state else None
+            versions = BufferGuard.versions(block)
+            y, ld = direction.record(block, i, h, tape)
+            if tape is not None:
+                tape.close()
+                if not tape.consumed:
+                    tape = None
+            records.append(
+                _Record(h.shape, h.dtype, h.numel() * h.element_size(), tape,
+                        BufferGuard.written_since(versions), fp, ld is not None)
+            )
+            if ld is not None:
+                logdet = ld if logdet is None else logdet + ld
+            h = y
+
+        ctx.chain = chain
+        ctx.records = records
+        ctx.autocast = autocast
+        ctx.anchor_at = anchor_at
+        ctx.adaptive_at = adaptive
+        ctx.regular = regular
+        ctx.has_logdet = logdet is not None
+        ctx.tol = cfg.tol if cfg.tol is not None else default_tol(_compute_dtype(x, autocast))
+        ctx.save_for_backward(h, *anchor_tensors)
+        if logdet is None:
+            return h
+        return h, logdet
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor | None, *rest: torch.Tensor | None):  # type: ignore[override]
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "revgrad: a reversible chain cannot be differentiated twice (backward with "
+                "create_graph=True, or torch.autograd.grad(..., create_graph=True)). Run the "
+                "chain's blocks without revgrad.reversible for higher-order gradients."
+            )
+        saved = ctx.saved_tensors  # raises if the graph was already freed or y was modified in place
+        y, anchors = saved[0], dict(zip(ctx.anchor_at, saved[1:]))
+        chain: _Chain = ctx.chain
+        engine = _Backward(ctx, chain, anchors)
+        grad_logdet = rest[0] if ctx.has_logdet else None
+        if grad_y is None:
+            grad_y = torch.zeros_like(y)
+        with ctx.autocast.replay():
+            grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
+        engine.publish()
+        return (None, grad_x, *grads)
+
+
+class _Backward:
+    """One backward pass through a chain (state that lives only while it runs)."""
+
+    def __init__(self, ctx, chain: _Chain, anchors: dict[int, torch.Tensor]) -> None:
+        self.chain = chain
+        self.records: list[_Record] = ctx.records
+        self.anchors = anchors
+        self.adaptive_at: frozenset[int] = ctx.adaptive_at
+        self.regular: frozenset[int] = ctx.regular
+        self.tol: float = ctx.tol
+        self.exact: dict[int, torch.Tensor] = {}
+        n = len(chain.blocks)
+        self.report = BackwardReport(
+            errors=[math.nan] * n, check=chain.config.check, tol=self.tol, anchors=sorted(anchors)
+        )
+
+    def run(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None, need_x: bool):
+        chain = self.chain
+        param_grads: list[torch.Tensor | None] = [None] * len(chain.params)
+        h, gy = y, grad_y
+        for i in reversed(range(len(chain.blocks))):
+            block, rec = chain.blocks[i], self.records[i]
+            bparams = [chain.params[j] for j in chain.block_params[i]]
+            need_gx = i > 0 or need_x
+            with rec.buffers.shield():
+                x, vjp = self._input_of(i, block, rec, h, bparams)
+                gld = grad_logdet if rec.has_logdet else None
+                if vjp is not None:
+                    gx, gps = vjp(gy, gld)
+                else:
+                    gx, gps = self._recompute_vjp(i, block, rec, x, gy, gld, bparams, need_gx)
+            for j, g in zip(chain.block_params[i], gps):
+                if g is not None:
+                    param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
+            h, gy = x, gx
+        return (gy if need_x else None), param_grads
+
+    # -- step 1 and 2: the block's input, rebuilt and checked, or exact ---------------------------
+
+    def _input_of(self, i, block, rec, y, bparams) -> tuple[torch.Tensor, VJP | None]:
+        exact = self.anchors.get(i)
+        if exact is None:
+            exact = self.exact.pop(i, None)
+        if exact is not None and i not in self.adaptive_at:
+            return exact, None
+
+        x, vjp = self._rebuild(i, block, rec, y, bparams)
+        if exact is not None:
+            # An adaptive anchor: measure against the truth itself, keep the anchor's value on failure.
+            err = self._measure(relative_error(fingerprint(x), fingerprint(exact)), i)
+            clean = err <= self.tol
+            self.chain.adaptive.observe(i, clean)
+            return (x, vjp) if clean else (exact, None)
+        if rec.fingerprint is None:
+            return x, vjp
+        err = self._measure(relative_error(fingerprint(x), rec.fingerprint), i)
+        if err <= self.tol:
+            return x, vjp
+        if self.chain.config.check == "detect":
+            raise ReconstructionError(i, type(block).__name__, err, self.tol)
+        return self._correct(i, err), None
+
+    def _rebuild(self, i, block, rec, y, bparams) -> tuple[torch.Tensor, VJP | None]:
+        self.report.evaluations += 1
+        direction = self.chain.direction
+        if direction.fused(block):
+            x, vjp = block.inverse_for_backward(y, rec.tape, bparams)
+            if x.shape != rec.shape:
+                raise BlockError(
+                    f"revgrad: {block_name(i, block)} rebuilt an input of shape {tuple(x.shape)}; its "
+                    f"forward input had shape {tuple(rec.shape)}"
+                )
+            return x, vjp
+        with torch.no_grad(), rec.replay():
+            return direction.undo(block, i, y, rec), None
+
+    def _measure(self, err: torch.Tensor, i: int) -> float:
+        value = float(err)  # one host sync per checked block: the decision needs it
+        if math.isnan(value):
+            value = math.inf
+        self.report.errors[i] = value
+        return value
+
+    def _correct(self, i: int, err: float) -> torch.Tensor:
+        """Recompute block i's exact input from the nearest anchor below; cache the segment."""
+        chain = self.chain
+        start = max(a for a in self.anchors if a < i)
+        h = self.anchors[start]
+        with torch.no_grad():
+            for j in range(start, i):
+                rec = self.records[j]
+                with rec.buffers.shield(), rec.replay():
+                    h, _ = chain.direction.run(chain.blocks[j], j, h)
+                self.exact[j + 1] = h
+        evals = i - start
+        self.report.evaluations += evals
+        self.report.correction_evaluations += evals
+        self.report.corrected.append(i)
+        if chain.adaptive is not None:
+            regular_bytes = sum(self.records[a].nbytes for a in self.regular if a > 0)
+            chain.adaptive.promote(i, self.records[i].nbytes, regular_bytes)
+        if chain.config.warn:
+            msg = (
+                f"revgrad: {block_name(i, chain.blocks[i])} rebuilt its input with relative error "
+                f"{err:.3g} > tol {self.tol:.3g}; recomputed it from the anchor at block {start}"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            logger.warning(msg)
+        return self.exact.pop(i)
+
+    # -- step 3: the VJP at the (trusted) input ---------------------------------------------------
+
+    def _recompute_vjp(self, i, block, rec, x, gy, gld, bparams, need_gx):
+        self.report.evaluations += 1
+        x_ = x.detach().requires_grad_(need_gx)
+        with torch.enable_grad(), rec.replay():
+            y_, ld_ = self.chain.direction.run(block, i, x_)
+        outs, gouts = [y_], [gy]
+        if ld_ is not None and gld is not None:
+            outs.append(ld_)
+            gouts.append(gld)
+        pairs = [(o, g) for o, g in zip(outs, gouts) if o.requires_grad]
+        inputs = ([x_] if need_gx else []) + bparams
+        if not pairs or not inputs:
+            return (torch.zeros_like(x) if need_gx else None), [None] * len(bparams)
+        grads = torch.autograd.grad(
+            [o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True
+        )
+        gx = None
+        if need_gx:
+            gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
+            grads = grads[1:]
+        return gx, grads
+
+    def publish(self) -> None:
+        owner = self.chain.owner
+        if owner is not None:
+            owner.last_report = self.report
+
+
+def _plain(blocks: list[nn.Module], direction, x: torch.Tensor):
+    logdet = None
+    h = x
+    for i, block in enumerate(blocks):
+        h, ld = direction.run(block, i, h)
+        if ld is not None:
+            logdet = ld if logdet is None else logdet + ld
+    return h if logdet is None else (h, logdet)
+
+
+def run_chain(
+    blocks: list[nn.Module],
+    x: torch.Tensor,
+    config: EngineConfig,
+    *,
+    direction: Literal["forward", "inverse"] = "forward",
+    owner: object | None = None,
+    adaptive: AdaptiveAnchors | None = None,
+    name: str = "ReversibleSequential",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Run ``blocks`` on ``x`` (shape ``[B, ...]``) with memory-saving backprop.
+
+    Returns ``y``, or ``(y, logdet)`` with ``logdet`` of shape ``[B]`` (the sum over blocks) when any
+    block returns one. Without grad mode, or when neither ``x`` nor any parameter needs a gradient,
+    the blocks simply run in order: no fingerprints, snapshots or anchors.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"revgrad: {name} expects a tensor input, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"revgrad: {name} expects a floating-point input, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"revgrad: {name} expects an input with a batch dimension, got a 0-dim tensor")
+    steps = _DIRECTIONS[direction]
+    if not blocks:
+        return x
+    if not torch.is_grad_enabled():
+        return _plain(blocks, steps, x)
+    params, per_block = _collect_params(blocks)
+    if not x.requires_grad and not params:
+        return _plain(blocks, steps, x)
+    if adaptive is not None:
+        adaptive.forget_beyond(len(blocks))
+    chain = _Chain(blocks, steps, config, params, per_block, owner, adaptive)
+    return _RevBackprop.apply(chain, x, *params)

@@ -1,0 +1,140 @@
+"""The block protocol and the errors that name a block.
+
+A *block* is any ``nn.Module`` with ``forward(x)`` and ``inverse(y)``:
+
+* ``forward(x)`` returns ``y`` or ``(y, logdet)``; ``logdet`` has shape ``[batch]``;
+* ``inverse(y)`` returns ``x`` (when it returns a tuple, items after the first are ignored).
+
+``x`` and ``y`` are single floating-point tensors whose first dimension is the batch; ``y`` may have a
+different shape from ``x`` (space-to-depth), but ``inverse`` must give back ``x``'s shape.
+
+A block may also implement the *fused* protocol (see :class:`FusedBlock`): a forward that records
+what its own inverse needs for replay, and an inverse that leaves the recompute graph behind, so
+that backward evaluates its sub-networks once instead of twice. The engine falls back to
+"inverse, then forward again with grad" for every other block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from .replay import RngTape
+
+__all__ = [
+    "BlockError",
+    "FusedBlock",
+    "ReconstructionError",
+    "VJP",
+    "block_name",
+    "check_inverse_output",
+    "is_block",
+    "split_output",
+]
+
+# vjp(grad_y, grad_logdet) -> (grad_x, grads of the block's parameters that require grad, in order)
+VJP = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]"]
+
+
+class BlockError(RuntimeError):
+    """A block broke the protocol: wrong output type, shape, dtype, or a non-invertible module."""
+
+
+class ReconstructionError(RuntimeError):
+    """A rebuilt block input disagreed with the fingerprint stored in forward (``check="detect"``)."""
+
+    def __init__(self, block: int, block_type: str, error: float, tol: float) -> None:
+        self.block = block
+        self.block_type = block_type
+        self.error = error
+        self.tol = tol
+        super().__init__(
+            f"revgrad: block {block} ({block_type}) rebuilt its input with relative error {error:.3g} "
+            f"(tolerance {tol:.3g}); its inverse is numerically unstable here. Use check='correct' "
+            "to recompute such inputs exactly from stored anchors."
+        )
+
+
+@runtime_checkable
+class FusedBlock(Protocol):
+    """A block whose backward rebuilds its input and the recompute graph in one evaluation."""
+
+    def forward_recording(
+        self, x: torch.Tensor, tape: RngTape | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Forward ``x -> (y, logdet or None)``, calling ``tape.mark()`` before each random part."""
+        ...
+
+    def inverse_for_backward(
+        self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter]
+    ) -> tuple[torch.Tensor, VJP]:
+        """Rebuild ``x`` from ``y`` and return it with a VJP closure over the graph this built.
+
+        ``params`` are the block's parameters that need gradients; the closure returns their
+        gradients in that order.
+        """
+        ...
+
+
+def is_block(module: object) -> bool:
+    """True for an ``nn.Module`` that has a callable ``inverse``."""
+    return isinstance(module, nn.Module) and callable(getattr(module, "inverse", None))
+
+
+def block_name(index: int, block: nn.Module) -> str:
+    return f"block {index} ({type(block).__name__})"
+
+
+def split_output(
+    out: object, index: int, block: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Validate a block's forward output and return ``(y, logdet or None)``."""
+    if isinstance(out, torch.Tensor):
+        y, logdet = out, None
+    elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
+        y, logdet = out
+        if logdet is not None and not isinstance(logdet, torch.Tensor):
+            raise BlockError(
+                f"revgrad: {block_name(index, block)} returned a logdet of type {type(logdet).__name__}; "
+                "forward must return y or (y, logdet) with logdet a tensor of shape [batch]"
+            )
+    else:
+        raise BlockError(
+            f"revgrad: {block_name(index, block)} returned {type(out).__name__}; forward must return a "
+            "tensor y or a pair (y, logdet)"
+        )
+    if not y.is_floating_point():
+        raise BlockError(f"revgrad: {block_name(index, block)} returned a {y.dtype} output; expected floating point")
+    if y.dim() == 0 or y.shape[0] != x.shape[0]:
+        raise BlockError(
+            f"revgrad: {block_name(index, block)} maps input {tuple(x.shape)} to {tuple(y.shape)}; "
+            "blocks must keep the batch dimension first and unchanged"
+        )
+    if logdet is not None and tuple(logdet.shape) != (x.shape[0],):
+        raise BlockError(
+            f"revgrad: {block_name(index, block)} returned a logdet of shape {tuple(logdet.shape)}; "
+            f"expected [batch] = ({x.shape[0]},)"
+        )
+    return y, logdet
+
+
+def check_inverse_output(
+    out: object, index: int, block: nn.Module, shape: torch.Size, dtype: torch.dtype
+) -> torch.Tensor:
+    """Validate what ``block.inverse`` returned against the input the forward pass saw."""
+    if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise BlockError(
+            f"revgrad: {block_name(index, block)}.inverse returned {type(out).__name__}; expected a tensor"
+        )
+    if out.shape != shape:
+        raise BlockError(
+            f"revgrad: {block_name(index, block)}.inverse returned shape {tuple(out.shape)} but the block's "
+            f"forward input had shape {tuple(shape)}; inverse(forward(x)) must have x's shape"
+        )
+    # Under autocast an inverse may come back in a lower precision; the chain keeps the forward's dtype.
+    return out if out.dtype == dtype else out.to(dtype)

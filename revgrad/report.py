@@ -1,0 +1,47 @@
+"""What the last backward pass through a chain measured and did."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+__all__ = ["BackwardReport"]
+
+
+@dataclass
+class BackwardReport:
+    """Per-backward summary, kept in ``ReversibleSequential.last_report``.
+
+    Attributes:
+        errors: per block, the relative reconstruction error measured for its rebuilt input
+            (largest over the batch); ``inf`` when the rebuilt input held NaN or Inf; NaN where
+            nothing was measured (anchored input, ``check="off"``).
+        corrected: indices of blocks whose rebuilt input failed the check and was replaced by an
+            exact recomputation from an anchor.
+        evaluations: block evaluations spent in backward (inverse or forward, with or without grad).
+            Plain reversible backprop spends 1 per fused block and 2 per other block.
+        correction_evaluations: of those, the forward evaluations spent recomputing from anchors.
+        anchors: indices of the blocks whose input was stored in forward (adaptive ones included).
+        check: the check mode in force; tol: the tolerance used.
+    """
+
+    errors: list[float]
+    corrected: list[int] = field(default_factory=list)
+    evaluations: int = 0
+    correction_evaluations: int = 0
+    anchors: list[int] = field(default_factory=list)
+    check: str = "off"
+    tol: float = math.nan
+
+    @property
+    def max_error(self) -> float:
+        """Largest measured error; NaN when nothing was measured."""
+        return max((e for e in self.errors if not math.isnan(e)), default=math.nan)
+
+    def __str__(self) -> str:
+        worst = self.max_error
+        return (
+            f"BackwardReport(check={self.check!r}, tol={self.tol:.3g}, blocks={len(self.errors)}, "
+            f"max_error={worst:.3g}, corrected={self.corrected}, evaluations={self.evaluations}, "
+            f"correction_evaluations={self.correction_evaluations}, anchors={self.anchors})"
+        )

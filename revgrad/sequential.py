@@ -1,0 +1,248 @@
+"""``ReversibleSequential`` and ``revgrad.reversible``: the public way into the engine."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .anchors import AdaptiveAnchors
+from .engine import CheckMode, EngineConfig, run_chain
+from .protocol import BlockError, is_block
+from .report import BackwardReport
+
+__all__ = ["DEFAULT_CHECK", "ReversibleSequential", "reversible"]
+
+DEFAULT_CHECK: CheckMode = "correct"
+
+
+class ReversibleSequential(nn.Sequential):
+    """An ``nn.Sequential`` whose runs of consecutive blocks train with memory-saving backprop.
+
+    Children keep their names (``"0"``, ``"1"``, ...), so parameters, ``state_dict`` keys and
+    indexing are exactly those of the ``nn.Sequential`` it replaces. A child that is not a block
+    (a downsampling layer between RevNet stages) runs with plain autograd between the runs.
+
+    Args:
+        *modules: the children, in order.
+        check: ``"correct"`` (default): rebuilt inputs are checked against fingerprints and replaced
+            by exact recomputations from anchors when they drifted; ``"detect"``: a drifted input
+            raises :class:`revgrad.ReconstructionError`; ``"off"``: classic reversible backprop.
+        tol: relative reconstruction error allowed (``None``: a default per compute dtype).
+        anchor_every: store every k-th block input (``None``: ``ceil(sqrt(N))``; ``"correct"`` only).
+        preserve_rng_state: replay random numbers (dropout) exactly in backward.
+        warn: warn and log on each correction.
+        adaptive_budget: bytes that adaptive anchors may hold (``None``: as many as the regular
+            anchors); ``0`` disables adaptive anchors.
+        release_after: clean steps after which an adaptive anchor is released.
+
+    Shapes: ``forward(x: [B, ...]) -> y`` or ``(y, logdet: [B])`` when any block returns a logdet;
+    ``inverse(y) -> x`` (every child must be a block).
+
+    After each backward, :attr:`last_report` holds a :class:`revgrad.BackwardReport`.
+    """
+
+    def __init__(
+        self,
+        *modules: nn.Module,
+        check: CheckMode = DEFAULT_CHECK,
+        tol: float | None = None,
+        anchor_every: int | None = None,
+        preserve_rng_state: bool = True,
+        warn: bool = False,
+        adaptive_budget: int | None = None,
+        release_after: int = 100,
+    ) -> None:
+        super().__init__(*modules)
+        self.configure(
+            check=check, tol=tol, anchor_every=anchor_every, preserve_rng_state=preserve_rng_state,
+            warn=warn, adaptive_budget=adaptive_budget, release_after=release_after,
+        )
+
+    def configure(
+        self,
+        *,
+        check: CheckMode = DEFAULT_CHECK,
+        tol: float | None = None,
+        anchor_every: int | None = None,
+        preserve_rng_state: bool = True,
+        warn: bool = False,
+        adaptive_budget: int | None = None,
+        release_after: int = 100,
+    ) -> ReversibleSequential:
+        """Set the engine options (see the class docstring); returns ``self``."""
+        self.config = EngineConfig(check, tol, anchor_every, preserve_rng_state, warn)
+        if release_after < 1:
+            raise ValueError(f"revgrad: release_after must be >= 1, got {release_after}")
+        self._adaptive_budget = adaptive_budget
+        self._release_after = release_after
+        self._adaptive: dict[int, AdaptiveAnchors] = {}
+        self._reports: dict[int, BackwardReport] = {}
+        return self
+
+    def extra_repr(self) -> str:
+        cfg = self.config
+        parts = [f"check={cfg.check!r}"]
+        if cfg.tol is not None:
+            parts.append(f"tol={cfg.tol:g}")
+        if cfg.anchor_every is not None:
+            parts.append(f"anchor_every={cfg.anchor_every}")
+        return ", ".join(parts)
+
+    # -- runs of blocks ---------------------------------------------------------------------------
+
+    def _runs(self) -> list[tuple[int, list[nn.Module], bool]]:
+        runs: list[tuple[int, list[nn.Module], bool]] = []
+        for i, child in enumerate(self):
+            kind = is_block(child)
+            if runs and runs[-1][2] == kind:
+                runs[-1][1].append(child)
+            else:
+                runs.append((i, [child], kind))
+        return runs
+
+    def _adaptive_for(self, start: int) -> AdaptiveAnchors | None:
+        if self._adaptive_budget == 0:
+            return None
+        state = self._adaptive.get(start)
+        if state is None:
+            state = self._adaptive[start] = AdaptiveAnchors(self._adaptive_budget, self._release_after)
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logdet = None
+        h = x
+        for start, modules, blocks in self._runs():
+            if not blocks:
+                for module in modules:
+                    h = module(h)
+                continue
+            out = run_chain(
+                modules, h, self.config, owner=_RunReporter(self, start),
+                adaptive=self._adaptive_for(start), name=type(self).__name__,
+            )
+            if isinstance(out, tuple):
+                h, ld = out
+                logdet = ld if logdet is None else logdet + ld
+            else:
+                h = out
+        return h if logdet is None else (h, logdet)
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """Run the chain backwards, ``x = f_0^-1(... f_{N-1}^-1(y))``, with the same memory saving."""
+        for i, child in enumerate(self):
+            if not is_block(child):
+                raise BlockError(
+                    f"revgrad: {type(self).__name__}.inverse needs every child to be a block; child {i} "
+                    f"({type(child).__name__}) has no inverse method"
+                )
+        return run_chain(
+            list(self)[::-1], y, self.config, direction="inverse", name=f"{type(self).__name__}.inverse"
+        )
+
+    # -- reports ----------------------------------------------------------------------------------
+
+    @property
+    def last_report(self) -> BackwardReport | None:
+        """What the last backward measured and did, indexed by child position (None before any)."""
+        if not self._reports:
+            return None
+        if len(self._reports) == 1 and 0 in self._reports and len(self._reports[0].errors) == len(self):
+            return self._reports[0]
+        merged = BackwardReport(errors=[float("nan")] * len(self))
+        for start, rep in sorted(self._reports.items()):
+            merged.errors[start : start + len(rep.errors)] = rep.errors
+            merged.corrected += [start + i for i in rep.corrected]
+            merged.anchors += [start + i for i in rep.anchors]
+            merged.evaluations += rep.evaluations
+            merged.correction_evaluations += rep.correction_evaluations
+            merged.check, merged.tol = rep.check, rep.tol
+        return merged
+
+
+class _RunReporter:
+    """Where the engine publishes the report of one run of blocks."""
+
+    __slots__ = ("owner", "start")
+
+    def __init__(self, owner: ReversibleSequential, start: int) -> None:
+        self.owner = owner
+        self.start = start
+
+    @property
+    def last_report(self) -> BackwardReport | None:
+        return self.owner._reports.get(self.start)
+
+    @last_report.setter
+    def last_report(self, report: BackwardReport) -> None:
+        self.owner._reports[self.start] = report
+
+
+def _convert_in_place(module: nn.Module, options: dict) -> int:
+    """Turn every plain ``nn.Sequential`` below ``module`` that holds blocks into a ReversibleSequential."""
+    converted = 0
+    for child in module.children():
+        if is_block(child):
+            continue  # a block is atomic: its sub-networks are not chains
+        converted += _convert_in_place(child, options)
+    if type(module) in (nn.Sequential, ReversibleSequential) and any(is_block(c) for c in module):
+        # Swapping the class keeps child names, hooks and every outside reference to the container.
+        module.__class__ = ReversibleSequential
+        ReversibleSequential.configure(module, **options)
+        converted += 1
+    return converted
+
+
+def reversible(
+    module: nn.Module | Iterable[nn.Module],
+    *,
+    check: Literal["off", "detect", "correct"] = DEFAULT_CHECK,
+    tol: float | None = None,
+    anchor_every: int | None = None,
+    preserve_rng_state: bool = True,
+    warn: bool = False,
+    adaptive_budget: int | None = None,
+    release_after: int = 100,
+) -> nn.Module:
+    """Make a network of blocks train with memory-saving, checked reversible backprop.
+
+    * An ``nn.Sequential`` of blocks, an ``nn.ModuleList`` or a list of blocks (or a single block):
+      returns a new :class:`ReversibleSequential` over the same block modules (same parameters, same
+      order, same ``state_dict`` keys).
+    * Any other module: converts in place every plain ``nn.Sequential`` inside it (at any depth,
+      itself included) that holds blocks, so that each maximal run of consecutive blocks runs
+      through the engine; returns the module.
+
+    Raises ``TypeError`` when a list holds a non-block, or when no block is found. Keyword options are
+    those of :class:`ReversibleSequential`.
+    """
+    options = dict(
+        check=check, tol=tol, anchor_every=anchor_every, preserve_rng_state=preserve_rng_state,
+        warn=warn, adaptive_budget=adaptive_budget, release_after=release_after,
+    )
+    EngineConfig(check, tol, anchor_every, preserve_rng_state, warn)  # validate before touching anything
+
+    if isinstance(module, (list, tuple, nn.ModuleList)):
+        items = list(module)
+        for i, item in enumerate(items):
+            if not is_block(item):
+                raise TypeError(
+                    f"revgrad.reversible: item {i} ({type(item).__name__}) is not a block: blocks are "
+                    "nn.Modules with forward(x) and inverse(y)"
+                )
+        return ReversibleSequential(*items, **options)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"revgrad.reversible expects an nn.Module or a list of blocks, got {type(module).__name__}")
+    if is_block(module):
+        return ReversibleSequential(module, **options)
+    if type(module) in (nn.Sequential, ReversibleSequential) and len(module) and all(is_block(m) for m in module):
+        return ReversibleSequential(OrderedDict(module.named_children()), **options)
+    if _convert_in_place(module, options) == 0:
+        raise TypeError(
+            f"revgrad.reversible: found no block in {type(module).__name__}; a block is an nn.Module with "
+            "forward(x) and inverse(y) (inside an nn.Sequential when it is part of a larger model)"
+        )
+    return module
