@@ -25,10 +25,10 @@ from torch import nn
 from .replay import RngTape
 
 __all__ = [
+    "VJP",
     "BlockError",
     "FusedBlock",
     "ReconstructionError",
-    "VJP",
     "block_name",
     "check_inverse_output",
     "is_block",

@@ -1,0 +1,209 @@
+"""Verified reconstruction (issue #3): exploding inverses are detected and corrected."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+from chains import NaNInverse, Scale, exploding_chain, healthy_chain
+from reference import assert_rel_close, plain_chain, rel_error, scalar_loss
+from torch import nn
+
+import revgrad
+
+
+def _reference_grads(net: nn.Module, x: torch.Tensor):
+    ref = copy.deepcopy(net)
+    xr = x.clone().requires_grad_()
+    scalar_loss(plain_chain(ref, xr)).backward()
+    return xr.grad, [p.grad for p in ref.parameters()]
+
+
+def _revgrad_grads(net: nn.Module, x: torch.Tensor, **options):
+    model = revgrad.reversible(copy.deepcopy(net), **options)
+    xx = x.clone().requires_grad_()
+    scalar_loss(model(xx)).backward()
+    return model, xx.grad, [p.grad for p in model.parameters()]
+
+
+def _worst_param_error(actual, expected) -> float:
+    return max(rel_error(a, e) for a, e in zip(actual, expected))
+
+
+def _drifting_chain(kind: str) -> nn.Sequential:
+    torch.manual_seed(0)
+    blocks = list(healthy_chain(6, channels=4, affine_every=0))
+    bad = Scale(4, inverse_error=0.01) if kind == "inverse-off-by-1%" else NaNInverse(4)
+    return nn.Sequential(*blocks[:4], bad, *blocks[4:])
+
+
+SCENARIOS = {
+    "exploding-affine-12": lambda: exploding_chain(depth=12),
+    "exploding-affine-16": lambda: exploding_chain(depth=16, bias=-7.0, seed=1),
+    "inverse-off-by-1%": lambda: _drifting_chain("inverse-off-by-1%"),
+    "inverse-yields-nan": lambda: _drifting_chain("inverse-yields-nan"),
+}
+
+
+@pytest.fixture(params=sorted(SCENARIOS), ids=sorted(SCENARIOS))
+def broken(request):
+    torch.manual_seed(1)
+    return request.param, SCENARIOS[request.param](), torch.randn(3, 4, 5, 7)
+
+
+def test_default_mode_corrects_broken_chain(broken):
+    name, net, x = broken
+    gx_ref, gp_ref = _reference_grads(net, x)
+    model, gx, gp = _revgrad_grads(net, x)  # default check="correct"
+    assert model.config.check == "correct"
+    report = model.last_report
+    assert report.corrected, f"{name}: nothing was corrected"
+    assert_rel_close(gx, gx_ref, 1e-4, f"{name}: input grad")
+    for i, (a, e) in enumerate(zip(gp, gp_ref)):
+        assert_rel_close(a, e, 1e-4, f"{name}: param {i} grad")
+    assert report.correction_evaluations > 0
+    assert report.max_error > report.tol
+
+
+def test_check_off_really_breaks(broken):
+    """The scenarios are real: unchecked reversible backprop gets these gradients wrong."""
+    name, net, x = broken
+    gx_ref, gp_ref = _reference_grads(net, x)
+    _, gx, gp = _revgrad_grads(net, x, check="off")
+    worst = max(rel_error(gx, gx_ref), _worst_param_error(gp, gp_ref))
+    assert not worst <= 1e-3, f"{name}: check='off' gradients were right (worst error {worst:.3g})"
+
+
+def test_detect_raises(broken):
+    _, net, x = broken
+    model = revgrad.reversible(copy.deepcopy(net), check="detect")
+    xx = x.clone().requires_grad_()
+    with pytest.raises(revgrad.ReconstructionError) as info:
+        scalar_loss(model(xx)).backward()
+    err = info.value
+    assert isinstance(err, RuntimeError)
+    assert type(model[err.block]).__name__ in str(err) and f"block {err.block}" in str(err)
+    assert not err.error <= err.tol
+
+
+@pytest.mark.parametrize("seed", range(4), ids=lambda s: f"seed{s}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_healthy_chains_raise_no_false_alarm(seed, dtype):
+    net = healthy_chain(24, channels=6, seed=seed).to(dtype)
+    torch.manual_seed(100 + seed)
+    x = torch.randn(3, 6, 5, 5, dtype=dtype, requires_grad=True)
+    model = revgrad.reversible(net)
+    for _ in range(2):
+        scalar_loss(model(x)).backward()
+    report = model.last_report
+    assert report.corrected == [] and report.correction_evaluations == 0
+    measured = [e for i, e in enumerate(report.errors) if i not in report.anchors]
+    assert not any(math.isnan(e) for e in measured)
+    assert max(measured) < report.tol / 10, f"healthy errors {max(measured):.3g} not 10x below tol {report.tol:.3g}"
+    # Without anchors every block is rebuilt from the top: errors compound, yet stay under tol here.
+    detect = revgrad.reversible(copy.deepcopy(net), check="detect")
+    scalar_loss(detect(x)).backward()
+    assert detect.last_report.corrected == [] and detect.last_report.max_error < detect.last_report.tol
+
+
+def test_report_fields_and_nan_where_unmeasured():
+    net = exploding_chain(depth=12)
+    x = torch.randn(3, 4, 5, 7, requires_grad=True)
+    model = revgrad.reversible(net, anchor_every=4)
+    scalar_loss(model(x)).backward()
+    rep = model.last_report
+    assert len(rep.errors) == len(model) == 24
+    assert rep.anchors == [0, 4, 8, 12, 16, 20]
+    for i in rep.anchors:
+        assert math.isnan(rep.errors[i])
+    assert rep.max_error == max(e for e in rep.errors if not math.isnan(e))
+    assert rep.evaluations >= len(model)
+    assert "corrected" in str(rep)
+
+
+def test_nan_reconstruction_reports_inf_error():
+    net = _drifting_chain("inverse-yields-nan")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    model = revgrad.reversible(net)
+    scalar_loss(model(x)).backward()
+    rep = model.last_report
+    assert 4 in rep.corrected and rep.errors[4] == math.inf
+    assert torch.isfinite(x.grad).all()
+
+
+def test_warn_switch_warns_and_logs(caplog):
+    net = _drifting_chain("inverse-off-by-1%")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    quiet = revgrad.reversible(copy.deepcopy(net))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scalar_loss(quiet(x)).backward()  # off by default: no warning
+    loud = revgrad.reversible(copy.deepcopy(net), warn=True)
+    with pytest.warns(RuntimeWarning, match=r"block 4 \(Scale\)"), caplog.at_level("WARNING", logger="revgrad"):
+        scalar_loss(loud(x)).backward()
+    assert any("recomputed it from the anchor" in r.message for r in caplog.records)
+
+
+def test_explicit_tol_is_used():
+    net = _drifting_chain("inverse-off-by-1%")
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    model = revgrad.reversible(net, tol=0.5)  # a 1 % error passes a 50 % tolerance
+    scalar_loss(model(x)).backward()
+    assert model.last_report.corrected == [] and model.last_report.tol == 0.5
+
+
+# -- adaptive anchors ------------------------------------------------------------------------------
+
+
+def _step(model, x):
+    scalar_loss(model(x)).backward()
+    return model.last_report
+
+
+def test_adaptive_anchor_kept_then_released():
+    net = _drifting_chain("inverse-off-by-1%")
+    bad = net[4]
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    model = revgrad.reversible(net, anchor_every=100, release_after=3)  # only block 0 is a regular anchor
+    first = _step(model, x)
+    assert first.corrected == [4] and first.correction_evaluations == 4
+    second = _step(model, x)
+    assert 4 in second.anchors and second.corrected == [] and second.correction_evaluations == 0
+    assert second.errors[4] > second.tol  # still measured against the stored input
+    bad.inverse_error = 0.0  # the block heals: three clean steps release the anchor
+    for _ in range(3):
+        rep = _step(model, x)
+        assert 4 in rep.anchors
+    assert 4 not in _step(model, x).anchors
+
+
+def test_adaptive_anchor_gradients_exact():
+    net = _drifting_chain("inverse-off-by-1%")
+    x = torch.randn(2, 4, 3, 3)
+    gx_ref, gp_ref = _reference_grads(net, x)
+    model = revgrad.reversible(copy.deepcopy(net), anchor_every=100)
+    for _ in range(3):
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        scalar_loss(model(xx)).backward()
+        assert_rel_close(xx.grad, gx_ref, 1e-5, "input grad")
+        for a, e in zip(model.parameters(), gp_ref):
+            assert_rel_close(a.grad, e, 1e-5, "param grad")
+
+
+def test_adaptive_budget_limits_and_zero_disables():
+    torch.manual_seed(0)
+    blocks = [Scale(4, inverse_error=0.01) for _ in range(6)]
+    x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    one = x[0:1].numel() * 2 * 4  # bytes of one block input (batch 2, float32)
+    model = revgrad.reversible(copy.deepcopy(blocks), anchor_every=100, adaptive_budget=2 * one)
+    # Each step promotes the topmost failing block; the budget stops promotion after two.
+    reports = [_step(model, x) for _ in range(5)]
+    assert [len(r.anchors) for r in reports] == [1, 2, 3, 3, 3]
+    assert reports[-1].corrected and all(r.corrected for r in reports)
+    off = revgrad.reversible(copy.deepcopy(blocks), anchor_every=100, adaptive_budget=0)
+    _step(off, x)
+    assert _step(off, x).anchors == [0]
