@@ -89,8 +89,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--threads", type=_positive_int, default=DEFAULTS.threads, metavar="N",
-                         help="CPU threads for torch (default: torch's default, "
-                              "usually the number of cores)")
+                         help="CPU threads for torch; the demo's convolutions are small, and extra threads "
+                              "slow down badly on a CPU busy with other work (default: %(default)s)")
     runtime.add_argument("--device", default=DEFAULTS.device,
                          help="where to train: 'cpu' or a CUDA device such as 'cuda' or 'cuda:1' "
                               "(default: %(default)s)")

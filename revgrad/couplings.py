@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .protocol import VJP, BlockError
-from .replay import RngTape
+from .replay import RngTape, claim_tape
 
 __all__ = [
     "AdditiveCoupling",
@@ -128,17 +128,14 @@ class AdditiveCoupling(_Coupling):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, _ = self.forward_recording(x, None)
-        return y
-
-    def forward_recording(self, x: torch.Tensor, tape: RngTape | None) -> tuple[torch.Tensor, None]:
         self._check_split(x)
         x1, x2 = _halves(x)
-        _mark(tape)
-        y1 = x1 + self._f(x2, x1.shape)
-        _mark(tape)
-        y2 = x2 + self._g(y1, x2.shape)
-        return torch.cat([y1, y2], dim=1), None
+        with claim_tape() as tape:
+            _mark(tape)
+            y1 = x1 + self._f(x2, x1.shape)
+            _mark(tape)
+            y2 = x2 + self._g(y1, x2.shape)
+        return torch.cat([y1, y2], dim=1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         self._check_split(y)
@@ -288,13 +285,11 @@ class AffineCoupling(_Coupling):
         return h, shift, raw
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.forward_recording(x, None)
-
-    def forward_recording(self, x: torch.Tensor, tape: RngTape | None) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_split(x)
         x1, x2 = _halves(x)
-        _mark(tape)
-        _, shift, raw = self._conditioner(x1, x2.shape)
+        with claim_tape() as tape:
+            _mark(tape)
+            _, shift, raw = self._conditioner(x1, x2.shape)
         y2, logdet = affine_forward_reference(x2, shift, raw, self.scale, self.bound)
         return torch.cat([x1, y2], dim=1), logdet
 
@@ -316,7 +311,9 @@ class AffineCoupling(_Coupling):
         x2 = affine_inverse_reference(y2, shift.detach(), raw.detach(), self.scale, self.bound)
         x = torch.cat([y1.detach(), x2], dim=1)
 
-        def vjp(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None):
+        def vjp(grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None):
+            if grad_y is None:  # only the logdet is differentiated
+                grad_y = torch.zeros_like(y)
             gy1, gy2 = _halves(grad_y)
             dx2, dshift, draw = affine_backward_reference(
                 y2, raw.detach(), gy2, grad_logdet, self.scale, self.bound

@@ -36,13 +36,12 @@ from .fingerprint import default_tol, fingerprint, relative_error
 from .protocol import (
     VJP,
     BlockError,
-    FusedBlock,
     ReconstructionError,
     block_name,
     check_inverse_output,
     split_output,
 )
-from .replay import AutocastState, BufferGuard, RngTape
+from .replay import AutocastState, BufferGuard, ParamAliases, RngTape, recording
 from .report import BackwardReport
 
 __all__ = ["CHECK_MODES", "EngineConfig", "run_chain"]
@@ -86,28 +85,35 @@ class EngineConfig:
 # Directions: the chain runs forward (forward, rebuilt by inverse) or as its inverse (the reverse).
 
 
+def _has_hooks(block: nn.Module) -> bool:
+    return bool(block._forward_hooks or block._forward_pre_hooks or block._backward_hooks
+                or block._backward_pre_hooks)
+
+
 class _Forward:
     name = "forward"
 
     @staticmethod
     def fused(block: nn.Module) -> bool:
-        return isinstance(block, FusedBlock)
+        # A block with module hooks of its own takes the two-step path, where backward recomputes it
+        # through __call__ and its hooks see the recomputation as they would see plain autograd.
+        return callable(getattr(block, "inverse_for_backward", None)) and not _has_hooks(block)
 
     @staticmethod
-    def record(block: nn.Module, i: int, h: torch.Tensor, tape: RngTape | None):
-        if tape is not None and isinstance(block, FusedBlock):
-            return block.forward_recording(h, tape)
-        if tape is not None:
-            tape.mark()
-        return split_output(block(h), i, block, h)
+    def record(block: nn.Module, label: int, h: torch.Tensor, tape: RngTape | None, fused: bool):
+        if tape is not None and not fused:
+            tape.mark()  # fused blocks mark before each of their sub-networks themselves
+        with recording(tape):
+            out = block(h)
+        return split_output(out, label, block, h)
 
     @staticmethod
-    def run(block: nn.Module, i: int, h: torch.Tensor):
-        return split_output(block(h), i, block, h)
+    def run(block: nn.Module, label: int, h: torch.Tensor):
+        return split_output(block(h), label, block, h)
 
     @staticmethod
-    def undo(block: nn.Module, i: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
-        return check_inverse_output(block.inverse(y), i, block, rec.shape, rec.dtype)
+    def undo(block: nn.Module, label: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
+        return check_inverse_output(block.inverse(y), label, block, rec.shape, rec.dtype)
 
 
 class _Inverse:
@@ -118,30 +124,30 @@ class _Inverse:
         return False
 
     @staticmethod
-    def run(block: nn.Module, i: int, h: torch.Tensor):
+    def run(block: nn.Module, label: int, h: torch.Tensor):
         out = block.inverse(h)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != h.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise BlockError(
-                f"revgrad: {block_name(i, block)}.inverse maps {tuple(h.shape)} to {shape}; "
+                f"revgrad: {block_name(label, block)}.inverse maps {tuple(h.shape)} to {shape}; "
                 "expected a tensor with the same batch dimension"
             )
         return out, None
 
     @classmethod
-    def record(cls, block: nn.Module, i: int, h: torch.Tensor, tape: RngTape | None):
+    def record(cls, block: nn.Module, label: int, h: torch.Tensor, tape: RngTape | None, fused: bool):
         if tape is not None:
             tape.mark()
-        return cls.run(block, i, h)
+        return cls.run(block, label, h)
 
     @staticmethod
-    def undo(block: nn.Module, i: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
-        x, _ = split_output(block(y), i, block, y)
+    def undo(block: nn.Module, label: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
+        x, _ = split_output(block(y), label, block, y)
         if x.shape != rec.shape:
             raise BlockError(
-                f"revgrad: {block_name(i, block)} maps {tuple(y.shape)} to {tuple(x.shape)}, but its "
+                f"revgrad: {block_name(label, block)} maps {tuple(y.shape)} to {tuple(x.shape)}, but its "
                 f"inverse was given {tuple(rec.shape)}; forward(inverse(y)) must have y's shape"
             )
         return x if x.dtype == rec.dtype else x.to(rec.dtype)
@@ -164,6 +170,7 @@ class _Record:
     buffers: BufferGuard
     fingerprint: torch.Tensor | None
     has_logdet: bool
+    fused: bool
 
     def replay(self) -> contextlib.AbstractContextManager[None]:
         return self.tape.replay(0) if self.tape is not None else contextlib.nullcontext()
@@ -174,6 +181,7 @@ class _Chain:
     """One call's static plan: blocks, their parameters, and the engine settings."""
 
     blocks: list[nn.Module]
+    labels: list[int]  # each block's position in the user's container, for messages and reports
     direction: type[_Forward] | type[_Inverse]
     config: EngineConfig
     params: list[torch.Tensor]
@@ -210,6 +218,7 @@ def _compute_dtype(x: torch.Tensor, autocast: AutocastState) -> torch.dtype:
 class _RevBackprop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain: _Chain, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
+        ctx.set_materialize_grads(False)  # a None gradient stays None: parameters it misses get None
         cfg = chain.config
         direction = chain.direction
         autocast = AutocastState.capture(x.device)
@@ -230,15 +239,16 @@ class _RevBackprop(torch.autograd.Function):
                 anchor_tensors.append(h)
             fp = fingerprint(h) if checking and i not in stored else None
             tape = RngTape(h.device) if cfg.preserve_rng_state else None
-            versions = BufferGuard.versions(block)
-            y, ld = direction.record(block, i, h, tape)
+            buffers = BufferGuard.before(block)
+            fused = direction.fused(block)
+            y, ld = direction.record(block, chain.labels[i], h, tape, fused)
             if tape is not None:
                 tape.close()
                 if not tape.consumed:
                     tape = None
             records.append(
                 _Record(h.shape, h.dtype, h.numel() * h.element_size(), tape,
-                        BufferGuard.written_since(versions), fp, ld is not None)
+                        BufferGuard.after(buffers), fp, ld is not None, fused)
             )
             if ld is not None:
                 logdet = ld if logdet is None else logdet + ld
@@ -270,8 +280,6 @@ class _RevBackprop(torch.autograd.Function):
         chain: _Chain = ctx.chain
         engine = _Backward(ctx, chain, anchors)
         grad_logdet = rest[0] if ctx.has_logdet else None
-        if grad_y is None:
-            grad_y = torch.zeros_like(y)
         with ctx.autocast.replay():
             grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
         engine.publish()
@@ -294,21 +302,23 @@ class _Backward:
             errors=[math.nan] * n, check=chain.config.check, tol=self.tol, anchors=sorted(anchors)
         )
 
-    def run(self, y: torch.Tensor, grad_y: torch.Tensor, grad_logdet: torch.Tensor | None, need_x: bool):
+    def run(self, y: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None, need_x: bool):
         chain = self.chain
         param_grads: list[torch.Tensor | None] = [None] * len(chain.params)
         h, gy = y, grad_y
         for i in reversed(range(len(chain.blocks))):
             block, rec = chain.blocks[i], self.records[i]
+            gld = grad_logdet if rec.has_logdet else None
+            if gy is None and gld is None:
+                # No gradient flows through this block; its input is still needed below.
+                h = self._input_of(i, block, rec, h, None)[0]
+                continue
             bparams = [chain.params[j] for j in chain.block_params[i]]
-            need_gx = i > 0 or need_x
-            with rec.buffers.shield():
-                x, vjp = self._input_of(i, block, rec, h, bparams)
-                gld = grad_logdet if rec.has_logdet else None
-                if vjp is not None:
-                    gx, gps = vjp(gy, gld)
-                else:
-                    gx, gps = self._recompute_vjp(i, block, rec, x, gy, gld, bparams, need_gx)
+            x, vjp = self._input_of(i, block, rec, h, bparams)
+            if vjp is not None:
+                gx, gps = vjp(gy, gld)
+            else:
+                gx, gps = self._recompute_vjp(i, block, rec, x, gy, gld, bparams, i > 0 or need_x)
             for j, g in zip(chain.block_params[i], gps):
                 if g is not None:
                     param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
@@ -337,22 +347,24 @@ class _Backward:
         if err <= self.tol:
             return x, vjp
         if self.chain.config.check == "detect":
-            raise ReconstructionError(i, type(block).__name__, err, self.tol)
+            raise ReconstructionError(self.chain.labels[i], type(block).__name__, err, self.tol)
         return self._correct(i, err), None
 
     def _rebuild(self, i, block, rec, y, bparams) -> tuple[torch.Tensor, VJP | None]:
+        """Rebuild block i's input from its output; fused blocks also return their VJP."""
         self.report.evaluations += 1
-        direction = self.chain.direction
-        if direction.fused(block):
-            x, vjp = block.inverse_for_backward(y, rec.tape, bparams)
+        label = self.chain.labels[i]
+        if rec.fused and bparams is not None:
+            with rec.buffers.shield(), ParamAliases(block).swap(bparams) as aliases:
+                x, vjp = block.inverse_for_backward(y, rec.tape, aliases)
             if x.shape != rec.shape:
                 raise BlockError(
-                    f"revgrad: {block_name(i, block)} rebuilt an input of shape {tuple(x.shape)}; its "
+                    f"revgrad: {block_name(label, block)} rebuilt an input of shape {tuple(x.shape)}; its "
                     f"forward input had shape {tuple(rec.shape)}"
                 )
-            return x, vjp
-        with torch.no_grad(), rec.replay():
-            return direction.undo(block, i, y, rec), None
+            return (x if x.dtype == rec.dtype else x.to(rec.dtype)), vjp
+        with torch.no_grad(), rec.buffers.shield(), rec.replay():
+            return self.chain.direction.undo(block, label, y, rec), None
 
     def _measure(self, err: torch.Tensor, i: int) -> float:
         value = float(err)  # one host sync per checked block: the decision needs it
@@ -370,7 +382,7 @@ class _Backward:
             for j in range(start, i):
                 rec = self.records[j]
                 with rec.buffers.shield(), rec.replay():
-                    h, _ = chain.direction.run(chain.blocks[j], j, h)
+                    h, _ = chain.direction.run(chain.blocks[j], chain.labels[j], h)
                 self.exact[j + 1] = h
         evals = i - start
         self.report.evaluations += evals
@@ -381,8 +393,9 @@ class _Backward:
             chain.adaptive.promote(i, self.records[i].nbytes, regular_bytes)
         if chain.config.warn:
             msg = (
-                f"revgrad: {block_name(i, chain.blocks[i])} rebuilt its input with relative error "
-                f"{err:.3g} > tol {self.tol:.3g}; recomputed it from the anchor at block {start}"
+                f"revgrad: {block_name(chain.labels[i], chain.blocks[i])} rebuilt its input with relative "
+                f"error {err:.3g} > tol {self.tol:.3g}; recomputed it from the anchor at block "
+                f"{chain.labels[start]}"
             )
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
             logger.warning(msg)
@@ -393,24 +406,16 @@ class _Backward:
     def _recompute_vjp(self, i, block, rec, x, gy, gld, bparams, need_gx):
         self.report.evaluations += 1
         x_ = x.detach().requires_grad_(need_gx)
-        with torch.enable_grad(), rec.replay():
-            y_, ld_ = self.chain.direction.run(block, i, x_)
-        outs, gouts = [y_], [gy]
-        if ld_ is not None and gld is not None:
-            outs.append(ld_)
-            gouts.append(gld)
-        pairs = [(o, g) for o, g in zip(outs, gouts) if o.requires_grad]
-        inputs = ([x_] if need_gx else []) + bparams
+        with rec.buffers.shield(), ParamAliases(block).swap(bparams) as aliases, torch.enable_grad(), rec.replay():
+            y_, ld_ = self.chain.direction.run(block, self.chain.labels[i], x_)
+        pairs = [(o, g) for o, g in ((y_, gy), (ld_, gld)) if o is not None and g is not None and o.requires_grad]
+        inputs = ([x_] if need_gx else []) + aliases
         if not pairs or not inputs:
-            return (torch.zeros_like(x) if need_gx else None), [None] * len(bparams)
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True
-        )
-        gx = None
+            return None, [None] * len(bparams)
+        grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
         if need_gx:
-            gx = grads[0] if grads[0] is not None else torch.zeros_like(x)
-            grads = grads[1:]
-        return gx, grads
+            return grads[0], grads[1:]
+        return None, grads
 
     def publish(self) -> None:
         owner = self.chain.owner
@@ -418,11 +423,11 @@ class _Backward:
             owner.last_report = self.report
 
 
-def _plain(blocks: list[nn.Module], direction, x: torch.Tensor):
+def _plain(blocks: list[nn.Module], labels: list[int], direction, x: torch.Tensor):
     logdet = None
     h = x
-    for i, block in enumerate(blocks):
-        h, ld = direction.run(block, i, h)
+    for label, block in zip(labels, blocks):
+        h, ld = direction.run(block, label, h)
         if ld is not None:
             logdet = ld if logdet is None else logdet + ld
     return h if logdet is None else (h, logdet)
@@ -437,12 +442,14 @@ def run_chain(
     owner: object | None = None,
     adaptive: AdaptiveAnchors | None = None,
     name: str = "ReversibleSequential",
+    labels: list[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run ``blocks`` on ``x`` (shape ``[B, ...]``) with memory-saving backprop.
 
     Returns ``y``, or ``(y, logdet)`` with ``logdet`` of shape ``[B]`` (the sum over blocks) when any
     block returns one. Without grad mode, or when neither ``x`` nor any parameter needs a gradient,
-    the blocks simply run in order: no fingerprints, snapshots or anchors.
+    the blocks simply run in order: no fingerprints, snapshots or anchors. ``labels`` names each
+    block in messages (default: its position in ``blocks``).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"revgrad: {name} expects a tensor input, got {type(x).__name__}")
@@ -453,12 +460,13 @@ def run_chain(
     steps = _DIRECTIONS[direction]
     if not blocks:
         return x
+    labels = list(range(len(blocks))) if labels is None else labels
     if not torch.is_grad_enabled():
-        return _plain(blocks, steps, x)
+        return _plain(blocks, labels, steps, x)
     params, per_block = _collect_params(blocks)
     if not x.requires_grad and not params:
-        return _plain(blocks, steps, x)
+        return _plain(blocks, labels, steps, x)
     if adaptive is not None:
         adaptive.forget_beyond(len(blocks))
-    chain = _Chain(blocks, steps, config, params, per_block, owner, adaptive)
+    chain = _Chain(blocks, labels, steps, config, params, per_block, owner, adaptive)
     return _RevBackprop.apply(chain, x, *params)

@@ -60,28 +60,35 @@ class ReconstructionError(RuntimeError):
 
 @runtime_checkable
 class FusedBlock(Protocol):
-    """A block whose backward rebuilds its input and the recompute graph in one evaluation."""
+    """A block whose backward rebuilds its input and the recompute graph in one evaluation.
 
-    def forward_recording(
-        self, x: torch.Tensor, tape: RngTape | None
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Forward ``x -> (y, logdet or None)``, calling ``tape.mark()`` before each random part."""
-        ...
+    Its ``forward`` must, when it has random parts, take the engine's tape with
+    ``with revgrad.replay.claim_tape() as tape:`` and call ``tape.mark()`` (when ``tape`` is not None)
+    before each sub-network; ``inverse_for_backward`` replays mark ``k`` around the k-th sub-network
+    with ``tape.replay(k)``. A deterministic block need not mark at all.
+    """
 
     def inverse_for_backward(
-        self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter]
+        self, y: torch.Tensor, tape: RngTape | None, params: list[torch.Tensor]
     ) -> tuple[torch.Tensor, VJP]:
-        """Rebuild ``x`` from ``y`` and return it with a VJP closure over the graph this built.
+        """Rebuild ``x`` from ``y`` (grad enabled inside) and return it with a VJP closure.
 
-        ``params`` are the block's parameters that need gradients; the closure returns their
-        gradients in that order.
+        ``params`` are the tensors the block's parameters stand for during this call (the engine
+        swaps in aliases); the closure ``vjp(grad_y, grad_logdet)`` returns ``grad_x`` and their
+        gradients in that order. ``grad_y`` or ``grad_logdet`` may be None.
         """
         ...
 
 
 def is_block(module: object) -> bool:
-    """True for an ``nn.Module`` that has a callable ``inverse``."""
-    return isinstance(module, nn.Module) and callable(getattr(module, "inverse", None))
+    """True for an ``nn.Module`` with a callable ``inverse``; containers of blocks are not blocks."""
+    from .sequential import ReversibleSequential  # a container whose children are the blocks
+
+    return (
+        isinstance(module, nn.Module)
+        and callable(getattr(module, "inverse", None))
+        and not isinstance(module, ReversibleSequential)
+    )
 
 
 def block_name(index: int, block: nn.Module) -> str:

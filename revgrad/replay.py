@@ -17,13 +17,14 @@ in backward.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["AutocastState", "BufferGuard", "RngTape"]
+__all__ = ["AutocastState", "BufferGuard", "ParamAliases", "RngTape", "claim_tape", "recording"]
 
 
 def _cuda_index(device: torch.device) -> int | None:
@@ -68,8 +69,8 @@ class RngTape:
         self._marks.append(self._snapshot())
 
     def close(self) -> None:
-        """Forget the snapshots when the generators did not move since the first mark."""
-        if self._marks and self._marks[0].same_as(self._snapshot()):
+        """Forget the snapshots when the generators did not move since the first mark (or none was made)."""
+        if not self._marks or self._marks[0].same_as(self._snapshot()):
             self._marks.clear()
             self.consumed = False
 
@@ -86,6 +87,32 @@ class RngTape:
             if snap.cuda is not None:
                 torch.cuda.set_rng_state(snap.cuda, self._cuda)
             yield
+
+
+_RECORDING: contextvars.ContextVar[RngTape | None] = contextvars.ContextVar("revgrad_tape", default=None)
+
+
+@contextlib.contextmanager
+def recording(tape: RngTape | None) -> Iterator[None]:
+    """Make ``tape`` the one a fused block's forward claims (the engine wraps each block call)."""
+    token = _RECORDING.set(tape)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
+
+
+@contextlib.contextmanager
+def claim_tape() -> Iterator[RngTape | None]:
+    """For a fused block's forward: the engine's tape for this call (None outside the engine).
+
+    Sub-networks called inside do not see it, so a block nested in a block cannot add marks.
+    """
+    token = _RECORDING.set(None)
+    try:
+        yield token.old_value if token.old_value is not contextvars.Token.MISSING else None
+    finally:
+        _RECORDING.reset(token)
 
 
 @dataclass(frozen=True)
@@ -125,33 +152,35 @@ class AutocastState:
 
 
 class BufferGuard:
-    """The buffers a block may write to; replays in backward write to throwaway copies of them.
+    """Buffers as the block's forward found them; replays in backward run on copies of those values.
 
-    Those are the buffers of every submodule in training mode (BatchNorm updates its running
-    statistics inside the kernel, without bumping the tensors' version counters), plus any buffer
-    whose version counter moved during forward. A block in eval mode without such writes costs a
-    loop over its buffers in forward and nothing in backward.
+    Kept: the buffers of every submodule in training mode (BatchNorm updates its running statistics
+    inside the kernel, without bumping version counters) and any buffer whose version counter moved
+    during forward. A replay sees the values forward started from (a block reading a buffer it also
+    updates recomputes exactly), and whatever it writes is thrown away, so statistics are updated
+    once per step. A block in eval mode that writes nothing keeps nothing.
     """
 
     __slots__ = ("_slots",)
 
-    def __init__(self, slots: list[tuple[nn.Module, str]]) -> None:
+    def __init__(self, slots: list[tuple[nn.Module, str, torch.Tensor]]) -> None:
         self._slots = slots
 
     @staticmethod
-    def versions(block: nn.Module) -> list[tuple[nn.Module, str, int]]:
+    def before(block: nn.Module) -> list[tuple[nn.Module, str, int, torch.Tensor]]:
+        """Snapshot every buffer of ``block`` (cheap: buffers are small) before its forward."""
         return [
-            (module, name, buf._version)
+            (module, name, buf._version, buf.clone())
             for module in block.modules()
             for name, buf in module._buffers.items()
             if buf is not None
         ]
 
     @classmethod
-    def written_since(cls, before: list[tuple[nn.Module, str, int]]) -> BufferGuard:
+    def after(cls, snapshot: list[tuple[nn.Module, str, int, torch.Tensor]]) -> BufferGuard:
         slots = [
-            (module, name)
-            for module, name, version in before
+            (module, name, saved)
+            for module, name, version, saved in snapshot
             if module.training
             or (module._buffers[name] is not None and module._buffers[name]._version != version)
         ]
@@ -165,11 +194,48 @@ class BufferGuard:
         if not self._slots:
             yield
             return
-        originals = [(module, name, module._buffers[name]) for module, name in self._slots]
-        for module, name, buf in originals:
-            module._buffers[name] = buf.clone()
+        live = [(module, name, module._buffers[name]) for module, name, _ in self._slots]
+        for module, name, saved in self._slots:
+            module._buffers[name] = saved.clone()
         try:
             yield
         finally:
-            for module, name, buf in originals:
+            for module, name, buf in live:
                 module._buffers[name] = buf
+
+
+class ParamAliases:
+    """Detached aliases of a block's parameters, swapped in while backward rebuilds its graph.
+
+    Backward differentiates each block with ``torch.autograd.grad``. Asked for the parameters
+    themselves, that fires hooks registered on them, and they fire again when the gradients leave the
+    engine's Function: a hook that rescales a gradient would apply twice. Differentiating with respect
+    to aliases (same storage, fresh leaves) leaves the parameters' hooks to fire exactly once.
+    """
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, block: nn.Module) -> None:
+        self._slots = [
+            (module, name, p)
+            for module in block.modules()
+            for name, p in module._parameters.items()
+            if p is not None and p.requires_grad
+        ]
+
+    @contextlib.contextmanager
+    def swap(self, params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:
+        """Yield aliases of ``params`` (in order) while the block's modules hold them."""
+        if not self._slots:
+            yield list(params)
+            return
+        alias = {id(p): p.detach().requires_grad_() for p in params}
+        for module, name, p in self._slots:
+            a = alias.get(id(p))
+            if a is not None:
+                module._parameters[name] = a
+        try:
+            yield [alias[id(p)] for p in params]
+        finally:
+            for module, name, p in self._slots:
+                module._parameters[name] = p

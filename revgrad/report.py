@@ -23,6 +23,8 @@ class BackwardReport:
         correction_evaluations: of those, the forward evaluations spent recomputing from anchors.
         anchors: indices of the blocks whose input was stored in forward (adaptive ones included).
         check: the check mode in force; tol: the tolerance used.
+        num_blocks: how many of the entries are blocks (a merged report of a container with
+            non-block children has NaN entries for those children); ``None`` means all.
     """
 
     errors: list[float]
@@ -32,6 +34,7 @@ class BackwardReport:
     anchors: list[int] = field(default_factory=list)
     check: str = "off"
     tol: float = math.nan
+    num_blocks: int | None = None
 
     @property
     def max_error(self) -> float:
@@ -41,7 +44,8 @@ class BackwardReport:
     def __str__(self) -> str:
         worst = self.max_error
         return (
-            f"BackwardReport(check={self.check!r}, tol={self.tol:.3g}, blocks={len(self.errors)}, "
+            f"BackwardReport(check={self.check!r}, tol={self.tol:.3g}, "
+            f"blocks={len(self.errors) if self.num_blocks is None else self.num_blocks}, "
             f"max_error={worst:.3g}, corrected={self.corrected}, evaluations={self.evaluations}, "
             f"correction_evaluations={self.correction_evaluations}, anchors={self.anchors})"
         )

@@ -19,6 +19,15 @@ __all__ = ["DEFAULT_CHECK", "ReversibleSequential", "reversible"]
 DEFAULT_CHECK: CheckMode = "correct"
 
 
+def _validated(check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after) -> EngineConfig:
+    config = EngineConfig(check, tol, anchor_every, preserve_rng_state, warn)
+    if not isinstance(release_after, int) or release_after < 1:
+        raise ValueError(f"revgrad: release_after must be a positive integer, got {release_after!r}")
+    if adaptive_budget is not None and (not isinstance(adaptive_budget, int) or adaptive_budget < 0):
+        raise ValueError(f"revgrad: adaptive_budget must be None or a number of bytes >= 0, got {adaptive_budget!r}")
+    return config
+
+
 class ReversibleSequential(nn.Sequential):
     """An ``nn.Sequential`` whose runs of consecutive blocks train with memory-saving backprop.
 
@@ -73,15 +82,25 @@ class ReversibleSequential(nn.Sequential):
         adaptive_budget: int | None = None,
         release_after: int = 100,
     ) -> ReversibleSequential:
-        """Set the engine options (see the class docstring); returns ``self``."""
-        self.config = EngineConfig(check, tol, anchor_every, preserve_rng_state, warn)
-        if release_after < 1:
-            raise ValueError(f"revgrad: release_after must be >= 1, got {release_after}")
+        """Set the engine options (see the class docstring); returns ``self``. Validates first."""
+        config = _validated(check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after)
+        self.config = config
         self._adaptive_budget = adaptive_budget
         self._release_after = release_after
         self._adaptive: dict[int, AdaptiveAnchors] = {}
         self._reports: dict[int, BackwardReport] = {}
         return self
+
+    def __getitem__(self, idx):
+        item = super().__getitem__(idx)
+        if isinstance(item, ReversibleSequential):  # a slice: keep this chain's engine options
+            cfg = self.config
+            item.configure(
+                check=cfg.check, tol=cfg.tol, anchor_every=cfg.anchor_every,
+                preserve_rng_state=cfg.preserve_rng_state, warn=cfg.warn,
+                adaptive_budget=self._adaptive_budget, release_after=self._release_after,
+            )
+        return item
 
     def extra_repr(self) -> str:
         cfg = self.config
@@ -123,6 +142,7 @@ class ReversibleSequential(nn.Sequential):
             out = run_chain(
                 modules, h, self.config, owner=_RunReporter(self, start),
                 adaptive=self._adaptive_for(start), name=type(self).__name__,
+                labels=list(range(start, start + len(modules))),
             )
             if isinstance(out, tuple):
                 h, ld = out
@@ -139,8 +159,10 @@ class ReversibleSequential(nn.Sequential):
                     f"revgrad: {type(self).__name__}.inverse needs every child to be a block; child {i} "
                     f"({type(child).__name__}) has no inverse method"
                 )
+        n = len(self)
         return run_chain(
-            list(self)[::-1], y, self.config, direction="inverse", name=f"{type(self).__name__}.inverse"
+            list(self)[::-1], y, self.config, direction="inverse", name=f"{type(self).__name__}.inverse",
+            labels=list(range(n - 1, -1, -1)),
         )
 
     # -- reports ----------------------------------------------------------------------------------
@@ -152,7 +174,7 @@ class ReversibleSequential(nn.Sequential):
             return None
         if len(self._reports) == 1 and 0 in self._reports and len(self._reports[0].errors) == len(self):
             return self._reports[0]
-        merged = BackwardReport(errors=[float("nan")] * len(self))
+        merged = BackwardReport(errors=[float("nan")] * len(self), num_blocks=0)
         for start, rep in sorted(self._reports.items()):
             merged.errors[start : start + len(rep.errors)] = rep.errors
             merged.corrected += [start + i for i in rep.corrected]
@@ -160,6 +182,7 @@ class ReversibleSequential(nn.Sequential):
             merged.evaluations += rep.evaluations
             merged.correction_evaluations += rep.correction_evaluations
             merged.check, merged.tol = rep.check, rep.tol
+            merged.num_blocks += len(rep.errors)
         return merged
 
 
@@ -223,7 +246,7 @@ def reversible(
         check=check, tol=tol, anchor_every=anchor_every, preserve_rng_state=preserve_rng_state,
         warn=warn, adaptive_budget=adaptive_budget, release_after=release_after,
     )
-    EngineConfig(check, tol, anchor_every, preserve_rng_state, warn)  # validate before touching anything
+    _validated(**options)  # before touching anything
 
     if isinstance(module, (list, tuple, nn.ModuleList)):
         items = list(module)
@@ -233,13 +256,15 @@ def reversible(
                     f"revgrad.reversible: item {i} ({type(item).__name__}) is not a block: blocks are "
                     "nn.Modules with forward(x) and inverse(y)"
                 )
+        if not items:
+            raise TypeError("revgrad.reversible: got an empty list; a chain needs blocks (modules with an inverse)")
         return ReversibleSequential(*items, **options)
     if not isinstance(module, nn.Module):
         raise TypeError(f"revgrad.reversible expects an nn.Module or a list of blocks, got {type(module).__name__}")
-    if is_block(module):
-        return ReversibleSequential(module, **options)
     if type(module) in (nn.Sequential, ReversibleSequential) and len(module) and all(is_block(m) for m in module):
         return ReversibleSequential(OrderedDict(module.named_children()), **options)
+    if is_block(module):
+        return ReversibleSequential(module, **options)
     if _convert_in_place(module, options) == 0:
         raise TypeError(
             f"revgrad.reversible: found no block in {type(module).__name__}; a block is an nn.Module with "

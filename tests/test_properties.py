@@ -18,7 +18,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import assert_rel_close, plain_chain, scalar_loss
+from reference import TOL, assert_rel_close, plain_chain, rel_error, scalar_loss
 from torch import nn
 
 import revgrad
@@ -184,29 +184,37 @@ def run_both(blocks, x: torch.Tensor, **options):
     return out, grads, ref_out, ref_grads
 
 
-def assert_outputs_equal(out, ref_out) -> None:
+def randn(*shape: int, dtype=torch.float32, seed: int = 0, requires_grad: bool = False) -> torch.Tensor:
+    """A test input from its own generator (the global RNG is part of what the tests compare)."""
+    x = torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+    return x.requires_grad_(requires_grad)
+
+
+def assert_outputs_equal(out, ref_out, logdet_tol: float = 0.0) -> None:
+    """Bitwise-equal ``y`` (same ops on the same values); ``logdet`` too unless ``logdet_tol`` is given."""
     assert type(out) is type(ref_out), f"output type {type(out).__name__} != {type(ref_out).__name__}"
     if isinstance(ref_out, tuple):
         assert_rel_close(out[0], ref_out[0], tol=0.0, name="y")
-        assert_rel_close(out[1], ref_out[1], tol=0.0, name="logdet")
+        assert_rel_close(out[1], ref_out[1], tol=logdet_tol, name="logdet")
     else:
         assert_rel_close(out, ref_out, tol=0.0, name="y")
 
 
-def assert_grads_match(grads, ref_grads) -> None:
+def assert_grads_match(grads, ref_grads, tols: dict[str, float] | None = None) -> None:
+    """Same names; None where plain autograd gives None; else ``assert_rel_close`` (TOL unless ``tols``)."""
     assert grads.keys() == ref_grads.keys()
     for name, ref_g in ref_grads.items():
         if ref_g is None:
-            assert grads[name] is None, f"{name}: plain autograd gives no gradient, revgrad does"
+            assert grads[name] is None, f"{name}: plain autograd gives no gradient (None), revgrad gives a tensor"
         else:
-            assert_rel_close(grads[name], ref_g, name=name)
+            assert_rel_close(grads[name], ref_g, tol=None if tols is None else tols[name], name=name)
 
 
 # --------------------------------------------------------------------------------------------------
 # Hypothesis: random chains
 
 SETTINGS = settings(
-    max_examples=40,
+    max_examples=50,
     deadline=None,
     derandomize=True,
     database=None,
@@ -229,13 +237,30 @@ def chains(draw, kinds=BLOCK_KINDS):
 
 
 def _check_chain(spec: dict, dtype: torch.dtype) -> None:
+    """Build the chain of ``spec`` and compare revgrad with plain autograd.
+
+    fp32 gradients are compared at 1e-5 (TOL), except a gradient that plain fp32 autograd itself
+    computes less accurately than that: cancellation in a small gradient deep in a long chain can
+    leave plain fp32 ~7e-5 from the fp64 truth (seen in ~0.2% of random chains). Such a gradient is
+    compared at twice plain fp32's own error, which is the most that "equal to plain autograd" can
+    mean in fp32; every other gradient keeps 1e-5.
+    """
     blocks = make_chain(spec["kinds"], spec["channels"], dtype, spec["seed"])
     gen = torch.Generator().manual_seed(spec["seed"])
     x = torch.randn(spec["batch"], spec["channels"], *spec["spatial"], generator=gen, dtype=dtype)
+    fp64_blocks = [copy.deepcopy(b).double() for b in blocks] if dtype == torch.float32 else None
     options = dict(MODES[spec["mode"]], anchor_every=spec["anchor_every"])
     out, grads, ref_out, ref_grads = run_both(blocks, x, **options)
     assert_outputs_equal(out, ref_out)
-    assert_grads_match(grads, ref_grads)
+    tols = None
+    if fp64_blocks is not None:
+        x64 = x.double().requires_grad_()
+        scalar_loss(plain_chain(fp64_blocks, x64)).backward()
+        truth = {"input": x64.grad, **{n: p.grad for n, p in nn.Sequential(*fp64_blocks).named_parameters()}}
+        tols = {
+            n: max(TOL[dtype], 2 * rel_error(g, truth[n])) for n, g in ref_grads.items() if g is not None
+        }
+    assert_grads_match(grads, ref_grads, tols)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])

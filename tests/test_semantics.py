@@ -20,6 +20,7 @@ from test_properties import (
     assert_grads_match,
     assert_outputs_equal,
     make_chain,
+    randn,
 )
 from torch import nn
 
@@ -191,9 +192,11 @@ def test_cpu_bf16_autocast_matches_plain_autocast(mode):
     inputs, which differ from the forward's by fp32 rounding (or, for an inverse that does not run in
     bf16, such as ``InvertibleLinear``'s solve, by bf16 rounding of the forward); one flipped bf16
     rounding moves an element by an ulp, so gradients agree with plain autocast to a few bf16 ulps
-    accumulated over the chain, not to fp32 precision. That is the bf16 entry of the TOL table. The
-    fp32 gradients without autocast are about as far from plain autocast, so the test also checks
-    that revgrad is closer to plain autocast than plain fp32 is (backward really replays autocast).
+    accumulated over the chain, not to fp32 precision. That is the bf16 entry of the TOL table
+    (measured: at most ~7e-3 with check="off"/"detect", 0 with "correct" here). Plain fp32 gradients
+    without autocast are ~1e-3..1e-2 from plain autocast, so the test also checks that, summed over
+    all gradients, revgrad is at least twice closer to plain autocast than fp32 is (backward really
+    replays autocast).
     """
     kinds = ["additive", "affine-sigmoid", "affine-bounded", "user-coupling", "linear-logdet", "additive"]
     blocks = make_chain(kinds, 6, torch.float32, seed=21)
@@ -220,11 +223,15 @@ def test_cpu_bf16_autocast_matches_plain_autocast(mode):
     assert_outputs_equal(out, ref_out)
     grads, ref_grads = named_grads(model, x), named_grads(ref, ref_x)
     fp32_grads = named_grads(nn.Sequential(*fp32_blocks), fp32_x)
-    worse = 0
+    rev_total = fp32_total = 0.0
     for name, ref_g in ref_grads.items():
         assert_rel_close(grads[name], ref_g, tol=TOL[torch.bfloat16], name=name)
-        worse += rel_error(grads[name], ref_g) > rel_error(fp32_grads[name], ref_g)
-    assert worse == 0, f"{worse} gradients are farther from plain autocast than plain fp32 is"
+        rev_total += rel_error(grads[name], ref_g)
+        fp32_total += rel_error(fp32_grads[name], ref_g)
+    assert rev_total < 0.5 * fp32_total, (
+        f"revgrad is not closer to plain autocast ({rev_total:.3g}) than fp32 is ({fp32_total:.3g}): "
+        "is autocast replayed in backward?"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,10 +265,11 @@ def test_backward_twice_with_retain_graph(mode):
     assert_grads_match(first, named_grads(nn.Sequential(*ref_blocks), ref_x))
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")
 @pytest.mark.parametrize("how", ["backward", "autograd.grad"], ids=["backward", "autograd-grad"])
 def test_create_graph_raises_clear_error(how):
     model = revgrad.reversible(make_chain(["additive", "affine-exp"], 4, torch.float32, seed=0))
-    x = torch.randn(2, 4, requires_grad=True)
+    x = randn(2, 4, requires_grad=True)
     loss = scalar_loss(model(x))
     with pytest.raises(RuntimeError, match="create_graph"):
         if how == "backward":
@@ -275,7 +283,7 @@ def test_create_graph_raises_clear_error(how):
 def test_output_modified_in_place_raises(mode, kinds):
     """Backward rebuilds from the output: modifying it in place must raise, not give a wrong gradient."""
     model = revgrad.reversible(make_chain(kinds, 4, torch.float32, seed=0), **MODES[mode])
-    x = torch.randn(3, 4, requires_grad=True)
+    x = randn(3, 4, requires_grad=True)
     out = model(x)
     y = out[0] if isinstance(out, tuple) else out
     loss = scalar_loss(out)
@@ -326,7 +334,7 @@ def test_no_grad_modes_run_blocks_plainly(monkeypatch, mode, context):
     blocks = make_chain(["additive", "affine-sigmoid", "linear-logdet", "user-coupling"], 4, torch.float32, seed=0)
     ref_blocks = copy.deepcopy(blocks)
     model = revgrad.reversible(blocks, **MODES[mode])
-    x = torch.randn(3, 4, requires_grad=True)
+    x = randn(3, 4, requires_grad=True)
     with CONTEXTS[context](model):
         out = model(x)
         ref_out = plain_chain(ref_blocks, x)
@@ -348,7 +356,7 @@ def test_parameters_get_gradients_when_input_does_not_require_grad(mode):
     blocks = make_chain(["affine-bounded", "additive", "linear-logdet", "user-coupling"], 5, torch.float64, seed=4)
     ref_blocks = copy.deepcopy(blocks)
     model = revgrad.reversible(blocks, **MODES[mode])
-    x = torch.randn(3, 5, dtype=torch.float64)
+    x = randn(3, 5, dtype=torch.float64)
     scalar_loss(model(x)).backward()
     scalar_loss(plain_chain(ref_blocks, x)).backward()
     assert x.grad is None
@@ -362,7 +370,7 @@ def test_autograd_grad_matches_plain(mode, wrt):
     ref_blocks = copy.deepcopy(blocks)
     model = revgrad.reversible(blocks, **MODES[mode])
     ref = nn.Sequential(*ref_blocks)
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
 
     def inputs(m):
         return {"params": [], "input+params": [x], "input": [x]}[wrt] + ([] if wrt == "input" else list(m.parameters()))
@@ -390,7 +398,7 @@ def test_parameter_hooks_fire_once_with_plain_gradients(mode):
     log, ref_log = {}, {}
     _hooked(model, log)
     _hooked(ref, ref_log)
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
     scalar_loss(model(x)).backward()
     scalar_loss(plain_chain(ref_blocks, x)).backward()
     assert log.keys() == ref_log.keys()
@@ -398,6 +406,24 @@ def test_parameter_hooks_fire_once_with_plain_gradients(mode):
         assert len(log[key]) == len(ref_calls) == 1, f"{key}: fired {len(log[key])} times"
         if key[0] == "tensor":
             assert_rel_close(log[key][0], ref_calls[0], name=str(key))
+
+
+@pytest.mark.parametrize("mode", MODE_IDS, ids=MODE_IDS)
+@pytest.mark.parametrize("kind", ["additive", "affine-exp", "user-coupling", "linear"],
+                         ids=["additive", "affine-exp", "user-coupling", "linear"])
+def test_gradient_rescaling_parameter_hook_applied_once(mode, kind):
+    """``p.register_hook(lambda g: g * 0.5)`` (clipping, scaling) must change the gradient once, as plain."""
+    blocks = make_chain([kind, kind], 4, torch.float64, seed=15)
+    ref_blocks = copy.deepcopy(blocks)
+    model = revgrad.reversible(blocks, **MODES[mode])
+    ref = nn.Sequential(*ref_blocks)
+    for p in [*model.parameters(), *ref.parameters()]:
+        p.register_hook(lambda g: g * 0.5)
+    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    scalar_loss(model(x)).backward()
+    scalar_loss(plain_chain(ref_blocks, ref_x)).backward()
+    assert_grads_match(named_grads(model, x), named_grads(ref, ref_x))
 
 
 def _module_hook_log(modules, log):
@@ -417,7 +443,7 @@ def test_module_backward_hooks_on_parameter_modules_fire(mode):
     log, ref_log = {}, {}
     _module_hook_log([(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)], log)
     _module_hook_log([(n, m) for n, m in ref.named_modules() if isinstance(m, nn.Linear)], ref_log)
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
     scalar_loss(model(x)).backward()
     scalar_loss(plain_chain(ref_blocks, x)).backward()
     assert set(log) == set(ref_log)
@@ -439,7 +465,7 @@ def test_module_backward_hooks_on_blocks_fire(mode, kind):
     log, ref_log = {}, {}
     _module_hook_log(list(model.named_children()), log)
     _module_hook_log(list(nn.Sequential(*ref_blocks).named_children()), ref_log)
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
     scalar_loss(model(x)).backward()
     scalar_loss(plain_chain(ref_blocks, x)).backward()
     fired = {name: len(log.get(name, [])) for name in ref_log}
@@ -457,7 +483,7 @@ def test_module_forward_hooks_on_blocks_fire_in_forward(mode, kind):
     seen = []
     for name, block in model.named_children():
         block.register_forward_hook(lambda mod, args, out, name=name: seen.append(name))
-    model(torch.randn(3, 4, dtype=torch.float64, requires_grad=True))
+    model(randn(3, 4, dtype=torch.float64, requires_grad=True))
     assert seen == [name for name, _ in model.named_children()]
 
 
@@ -514,12 +540,13 @@ def test_mixed_logdet_chain_returns_sum_of_logdets(mode, loss):
         "y-only": lambda out: scalar_loss(out[0]),
         "logdet-only": lambda out: (out[1] * torch.arange(1.0, 4.0, dtype=out[1].dtype)).sum(),
     }
-    x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
+    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
     ref_x = x.detach().clone().requires_grad_()
     out = model(x)
     ref_out = plain_chain(ref_children, ref_x)
     assert isinstance(out, tuple) and len(out) == 2 and out[1].shape == (3,)
-    assert_outputs_equal(out, ref_out)
+    # two runs of blocks: their logdets are added per run, then together (another summation order)
+    assert_outputs_equal(out, ref_out, logdet_tol=TOL[torch.float64])
     losses[loss](out).backward()
     losses[loss](ref_out).backward()
     assert_grads_match(named_grads(model, x), named_grads(ref, ref_x))

@@ -1,0 +1,73 @@
+"""pytest-benchmark version of ``bench/step_time.py``, plus the agreement check it relies on.
+
+    pytest bench/ --benchmark-disable           # smoke test: each step once, plus the check
+    pytest bench/ --benchmark-only              # timings, group "revnet-stage-12"
+
+pytest-benchmark runs one provider after another; for a side-by-side comparison on a noisy machine
+use ``bench/step_time.py``, which interleaves them.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from revnet_stage import (
+    PROVIDERS,
+    Agreement,
+    Branches,
+    StageConfig,
+    build,
+    compare_with_plain,
+    fresh_input,
+    make_branches,
+    make_data,
+    make_optimizer,
+    train_step,
+)
+
+CFG = StageConfig()
+
+# memcnn 1.5.2 frees its input with the deprecated TypedStorage API.
+pytestmark = pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def branches() -> Branches:
+    return make_branches(CFG)
+
+
+@pytest.fixture(scope="module")
+def agreements() -> dict[str, Agreement]:
+    return compare_with_plain(CFG)
+
+
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "plain"])
+def test_provider_matches_plain(provider: str, agreements: dict[str, Agreement]) -> None:
+    a = agreements[provider]
+    assert a.error is None, a.summary()
+    assert a.ok_fp64, f"float64 step differs from plain autograd: {a.summary()}"
+    assert a.ok_fp32, f"float32 step differs from plain autograd beyond fp32 noise: {a.summary()}"
+
+
+def test_bn_running_stats_match_plain_for_revgrad(agreements: dict[str, Agreement]) -> None:
+    # revgrad shields BatchNorm buffers during its recomputations; the peers update them again.
+    for provider in ("revgrad-off", "revgrad-correct"):
+        assert agreements[provider].fp64.bn_buffers <= 1e-12, agreements[provider].summary()
+
+
+@pytest.mark.benchmark(group=f"revnet-stage-{CFG.blocks}")
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_step_time(benchmark, provider: str, branches: Branches) -> None:
+    stage = build(provider, branches)
+    stage.module.train()
+    optimizer = make_optimizer(stage)
+    x, grad_out = make_data(CFG)
+
+    def setup() -> tuple[tuple[torch.Tensor], dict]:
+        _leaf, h = fresh_input(x)
+        return (h,), {}
+
+    def step(h: torch.Tensor) -> None:
+        train_step(stage, h, grad_out, optimizer)
+
+    benchmark.pedantic(step, setup=setup, rounds=10, warmup_rounds=2)
