@@ -252,13 +252,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| provider | median ms | IQR ms | × plain | CPU ms | held (activations) | agrees with plain |",
-        "|---|---:|---:|---:|---:|---:|---|",
+        "| provider | median ms | IQR ms | min ms | × plain | CPU ms | held (activations) | agrees with plain |",
+        "|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         agrees = {None: "not checked", True: "yes", False: "**NO**"}[r["agrees"]]
         lines.append(
-            f"| {r['provider']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}–{r['p75_ms']:.1f} | "
+            f"| {r['provider']} | {r['median_ms']:.1f} | {r['p25_ms']:.1f}–{r['p75_ms']:.1f} | {r['min_ms']:.1f} | "
             f"{r['ratio_to_plain']:.2f} | {r['cpu_median_ms']:.1f} | {r['held_activations']:.2f} | {agrees} |"
         )
     return "\n".join(lines)

@@ -51,7 +51,8 @@ def healthy_error(depth: int, dtype: torch.dtype, autocast: bool, seeds: int = 4
 
 def main() -> None:
     print(f"torch {torch.__version__}\n")
-    print("| compute dtype | default tol | fingerprint noise floor | healthy 24-block | healthy 48-block | healthy 64-block |")
+    print("| compute dtype | default tol | fingerprint noise floor | healthy 24-block | healthy 48-block "
+          "| healthy 64-block |")
     print("|---|---|---|---|---|---|")
     rows = [
         ("float64", torch.float64, torch.float64, False),
