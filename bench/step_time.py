@@ -2,19 +2,28 @@
 
 Usage::
 
-    python bench/step_time.py [--blocks 12] [--rounds N] [--steps K] [--json PATH]
+    python bench/step_time.py [--blocks 12] [--rounds N] [--steps K] [--threads T] [--json PATH]
 
 1. Checks every provider against plain autograd on one step (float64: same function and gradients;
-   float32: as timed). A provider that disagrees stays in the table, marked as disagreeing.
+   float32: as timed; see :class:`revnet_stage.Agreement`). A provider that disagrees stays in the
+   table, marked as disagreeing.
 2. Warms every provider up, then counts the bytes each holds between forward and backward
    (:class:`revgrad.memory.MemoryProbe`, in units of one activation of the stage input).
 3. Times ``rounds`` rounds; in each round every provider runs ``steps`` training steps in turn
-   (forward, backward, ``optimizer.zero_grad``), the provider order rotating from round to round, so
-   that a noisy machine slows all providers alike. Prints a markdown table and writes JSON (default
+   (forward, backward, ``optimizer.zero_grad``; a fresh input per step, made outside the timed
+   region), the provider order rotating from round to round, so that a noisy machine slows all
+   providers alike. Prints a markdown table and writes JSON (default
    ``bench/out/step_time-<time>.json``).
 
-The ratio to plain autograd is the median over rounds of the provider's median step in the round
-divided by plain's median step in the same round (paired, so drifts in machine load cancel).
+Columns: median, interquartile range and minimum of the wall time per step; ``× plain``: the median
+over rounds of the provider's median step in the round divided by plain's median step in the same
+round (paired, so drifts in machine load cancel); ``CPU ms``: median CPU time of the process per step
+(all threads; with several threads it includes OpenMP spin-waiting); ``held``: bytes allocated by
+forward and still held when backward starts, in activations of the stage input.
+
+glibc's malloc thresholds are pinned first (:func:`revnet_stage.pin_malloc`; ``--default-malloc``
+to keep glibc's defaults): otherwise a step's time depends on how many freed pages glibc handed back
+to the kernel during the steps before it. The JSON records minor page faults per step.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,11 +43,13 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from revnet_stage import (
     PROVIDERS,
     Agreement,
+    Stage,
     StageConfig,
     build,
     compare_with_plain,
@@ -46,10 +58,15 @@ from revnet_stage import (
     make_branches,
     make_data,
     make_optimizer,
+    pin_malloc,
     train_step,
 )
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
+ROOT = Path(__file__).resolve().parent.parent
+
+# --------------------------------------------------------------------------------------------------
+# The machine.
 
 
 def cpu_model() -> str:
@@ -76,32 +93,45 @@ def load_average() -> list[float]:
         return []
 
 
-def memcnn_version() -> str:
-    return importlib.metadata.version("memcnn")
-
-
-def revlib_version() -> str:
-    return importlib.metadata.version("revlib")
-
-
 def revgrad_revision() -> str:
     """``git describe --always --dirty`` of the checkout, plus the revgrad files changed since."""
-    root = Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "revgrad", "kernels"], cwd=root, capture_output=True, text=True
-        ).stdout.split("\n")
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--", "revgrad", "kernels"], cwd=ROOT, capture_output=True, text=True
+        ).stdout
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-    changed = [line[3:] for line in changed if line.strip()]
+    changed = [line[3:] for line in status.splitlines() if line.strip()]
     return rev + (f" (uncommitted: {', '.join(changed)})" if changed else "")
 
 
+def environment(threads: int, malloc_pinned: bool, argv: Sequence[str]) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cores": available_cores(),
+        "threads": threads,
+        "malloc_pinned": malloc_pinned,
+        "revgrad": revgrad_revision(),
+        "memcnn": importlib.metadata.version("memcnn"),
+        "revlib": importlib.metadata.version("revlib"),
+        "loadavg_start": load_average(),
+        "command": " ".join(["python", "bench/step_time.py", *argv]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# Measuring.
+
+
 def quantile(values: Sequence[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1] if len(values) > 1 else values[0]
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
 
 
 def paired_ratio(rounds: list[dict[str, float]], num: str, den: str) -> float:
@@ -109,107 +139,60 @@ def paired_ratio(rounds: list[dict[str, float]], num: str, den: str) -> float:
     return statistics.median(r[num] / r[den] for r in rounds)
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--blocks", type=int, default=12, help="couplings in the stage (default 12)")
-    p.add_argument("--batch", type=int, default=StageConfig.batch)
-    p.add_argument("--channels", type=int, default=StageConfig.channels)
-    p.add_argument("--size", type=int, default=StageConfig.size, help="height = width of the input")
-    p.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
-    p.add_argument("--steps", type=int, default=3, help="steps per provider per round (default 3)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per provider first (default 3)")
-    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
-    p.add_argument("--json", type=Path, default=None, help="where to write the JSON (default bench/out/)")
-    p.add_argument("--skip-check", action="store_true", help="skip the agreement check (not for reporting)")
-    args = p.parse_args(argv)
-    if "plain" not in args.providers:
-        args.providers.insert(0, "plain")  # every ratio is to plain autograd
-    return args
+class Timer:
+    """Interleaved step timings of several stages on the same data."""
 
+    def __init__(self, stages: dict[str, Stage], x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        self.stages = stages
+        self.x = x
+        self.grad_out = grad_out
+        self.optimizers = {p: make_optimizer(s) for p, s in stages.items()}
+        self.wall: dict[str, list[float]] = {p: [] for p in stages}
+        self.cpu: dict[str, list[float]] = {p: [] for p in stages}
+        self.faults: dict[str, list[int]] = {p: [] for p in stages}
+        self.rounds: list[dict[str, float]] = []
+        for s in stages.values():
+            s.module.train()
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    # memcnn 1.5.2 frees its input with the deprecated TypedStorage API, once per block and step.
-    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
-    threads = args.threads or available_cores()
-    torch.set_num_threads(threads)
-    cfg = StageConfig(blocks=args.blocks, batch=args.batch, channels=args.channels, size=args.size)
-    providers: list[str] = args.providers
-    env = {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cores": available_cores(),
-        "threads": torch.get_num_threads(),
-        "revgrad": revgrad_revision(),
-        "memcnn": memcnn_version(),
-        "revlib": revlib_version(),
-        "loadavg_start": load_average(),
-        "command": " ".join(["python", "bench/step_time.py", *(argv if argv is not None else sys.argv[1:])]),
-    }
-    print(f"revgrad {env['revgrad']} | memcnn {env['memcnn']} | revlib {env['revlib']}")
-    print(f"torch {env['torch']} | CPU {env['cpu']} | cores {env['cores']} | torch threads {env['threads']}")
-    print(
-        f"stage: {cfg.blocks} additive couplings, input {list(cfg.input_shape)} fp32, "
-        f"branch BN-ReLU-Conv3x3-BN-ReLU-Conv3x3 on {cfg.channels // 2} channels; "
-        f"1 activation = {cfg.activation_bytes / 2**20:.2f} MiB"
-    )
-    print(f"load average at start: {env['loadavg_start']}")
-    busy = env["loadavg_start"][:1]
-    if busy and busy[0] > 0.5 * env["cores"]:
-        print(
-            f"WARNING: load average {busy[0]:.1f} on {env['cores']} cores: other processes compete for the CPU"
-            + (", and OpenMP regions wait for descheduled threads" if threads > 1 else "")
-            + "; step times will be noisy."
-        )
-
-    agreements: dict[str, Agreement] = {}
-    if not args.skip_check:
-        print("\nagreement with plain autograd (one step from the same weights):")
-        agreements = compare_with_plain(cfg, tuple(providers))
-        for a in agreements.values():
-            print("  " + a.summary())
-
-    branches = make_branches(cfg)
-    x, grad_out = make_data(cfg)
-    stages = {p: build(p, branches) for p in providers}
-    optimizers = {p: make_optimizer(s) for p, s in stages.items()}
-    for s in stages.values():
-        s.module.train()
-
-    def step(p: str) -> tuple[float, float]:
-        """One training step: (wall seconds, CPU seconds of this process)."""
-        _leaf, h = fresh_input(x)
+    def step(self, provider: str) -> tuple[float, float, int]:
+        """One training step: (wall seconds, CPU seconds of this process, minor page faults)."""
+        _leaf, h = fresh_input(self.x)
+        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0, t0 = time.process_time(), time.perf_counter()
-        train_step(stages[p], h, grad_out, optimizers[p])
-        return time.perf_counter() - t0, time.process_time() - c0
+        train_step(self.stages[provider], h, self.grad_out, self.optimizers[provider])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
-    for p in providers:
-        for _ in range(args.warmup):
-            step(p)
-    held = {p: held_bytes(stages[p], x, grad_out) for p in providers}
+    def warmup(self, steps: int) -> None:
+        for p in self.stages:
+            for _ in range(steps):
+                self.step(p)
 
-    times: dict[str, list[float]] = {p: [] for p in providers}
-    cpu_times: dict[str, list[float]] = {p: [] for p in providers}
-    rounds: list[dict[str, float]] = []
-    for r in range(args.rounds):
-        order = providers[r % len(providers) :] + providers[: r % len(providers)]
-        this_round: dict[str, float] = {}
-        for p in order:
+    def run_round(self, index: int, steps: int) -> dict[str, float]:
+        names = list(self.stages)
+        k = index % len(names)
+        medians: dict[str, float] = {}
+        for p in names[k:] + names[:k]:
             gc.collect()
-            wall_cpu = [step(p) for _ in range(args.steps)]
-            ts = [w for w, _ in wall_cpu]
-            times[p].extend(ts)
-            cpu_times[p].extend(c for _, c in wall_cpu)
-            this_round[p] = statistics.median(ts)
-        rounds.append(this_round)
-        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{p} {this_round[p] * 1e3:.0f}" for p in providers))
-    env["loadavg_end"] = load_average()
+            measured = [self.step(p) for _ in range(steps)]
+            self.wall[p] += [w for w, _, _ in measured]
+            self.cpu[p] += [c for _, c, _ in measured]
+            self.faults[p] += [f for _, _, f in measured]
+            medians[p] = statistics.median(w for w, _, _ in measured)
+        self.rounds.append(medians)
+        return medians
 
+
+# --------------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def result_rows(
+    timer: Timer, held: dict[str, int], agreements: dict[str, Agreement], cfg: StageConfig
+) -> list[dict[str, Any]]:
     rows = []
-    for p in providers:
-        ts = times[p]
+    for p in timer.stages:
+        ts = timer.wall[p]
         a = agreements.get(p)
         rows.append(
             {
@@ -218,39 +201,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "p25_ms": quantile(ts, 0.25) * 1e3,
                 "p75_ms": quantile(ts, 0.75) * 1e3,
                 "min_ms": min(ts) * 1e3,
-                "ratio_to_plain": paired_ratio(rounds, p, "plain"),
-                "cpu_median_ms": statistics.median(cpu_times[p]) * 1e3,
+                "ratio_to_plain": paired_ratio(timer.rounds, p, "plain"),
+                "cpu_median_ms": statistics.median(timer.cpu[p]) * 1e3,
+                "page_faults_median": statistics.median(timer.faults[p]),
                 "held_bytes": held[p],
                 "held_activations": held[p] / cfg.activation_bytes,
                 "agrees": None if a is None else a.ok,
                 "agreement": None if a is None else asdict(a),
                 "times_ms": [t * 1e3 for t in ts],
-                "cpu_times_ms": [t * 1e3 for t in cpu_times[p]],
+                "cpu_times_ms": [t * 1e3 for t in timer.cpu[p]],
             }
         )
-
-    print()
-    print(markdown_table(rows))
-    summary = targets(rounds, providers)
-    for line in summary["lines"]:
-        print(line)
-    print(f"load average at end: {env['loadavg_end']}")
-
-    path = args.json or OUT_DIR / f"step_time-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "env": env,
-        "config": asdict(cfg) | {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
-        "results": rows,
-        "rounds_ms": [{p: t * 1e3 for p, t in r.items()} for r in rounds],
-        "targets": summary["values"],
-    }
-    path.write_text(json.dumps(result, indent=1, default=str))
-    print(f"wrote {path}")
-    return 0
+    return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| provider | median ms | IQR ms | min ms | × plain | CPU ms | held (activations) | agrees with plain |",
         "|---|---:|---:|---:|---:|---:|---:|---|",
@@ -264,23 +229,119 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def targets(rounds: list[dict[str, float]], providers: list[str]) -> dict:
-    """The issue's targets, from paired per-round ratios."""
+def targets(rounds: list[dict[str, float]], providers: Sequence[str]) -> tuple[dict[str, float], list[str]]:
+    """The issue's targets, from paired per-round ratios: (values, printable lines)."""
     values: dict[str, float] = {}
     lines: list[str] = []
-    if "revgrad-off" in providers:
-        v = values["revgrad-off / plain"] = paired_ratio(rounds, "revgrad-off", "plain")
-        lines.append(f"revgrad-off / plain = {v:.2f} (target <= 1.35: {'met' if v <= 1.35 else 'NOT met'})")
-        for peer in ("memcnn", "revlib"):
-            if peer in providers:
-                v = values[f"revgrad-off / {peer}"] = paired_ratio(rounds, "revgrad-off", peer)
-                lines.append(f"revgrad-off / {peer} = {v:.2f} (target < 1: {'met' if v < 1 else 'NOT met'})")
-        if "revgrad-correct" in providers:
-            v = values["revgrad-correct / revgrad-off"] = paired_ratio(rounds, "revgrad-correct", "revgrad-off")
-            lines.append(
-                f"revgrad-correct / revgrad-off = {v:.2f} (target <= 1.10: {'met' if v <= 1.10 else 'NOT met'})"
-            )
-    return {"values": values, "lines": lines}
+
+    def check(num: str, den: str, bound: float, strict: bool) -> None:
+        if num not in providers or den not in providers:
+            return
+        v = values[f"{num} / {den}"] = paired_ratio(rounds, num, den)
+        met = v < bound if strict else v <= bound
+        lines.append(
+            f"{num} / {den} = {v:.2f} (target {'<' if strict else '<='} {bound:g}: {'met' if met else 'NOT met'})"
+        )
+
+    check("revgrad-off", "plain", 1.35, strict=False)
+    check("revgrad-off", "memcnn", 1.0, strict=True)
+    check("revgrad-off", "revlib", 1.0, strict=True)
+    check("revgrad-correct", "revgrad-off", 1.10, strict=False)
+    return values, lines
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--blocks", type=int, default=12, help="couplings in the stage (default 12)")
+    p.add_argument("--batch", type=int, default=StageConfig.batch)
+    p.add_argument("--channels", type=int, default=StageConfig.channels)
+    p.add_argument("--size", type=int, default=StageConfig.size, help="height = width of the input")
+    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds (default 30)")
+    p.add_argument("--steps", type=int, default=2, help="steps per provider per round (default 2)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps per provider first (default 3)")
+    p.add_argument("--providers", nargs="+", default=list(PROVIDERS), choices=PROVIDERS)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: the cores available)")
+    p.add_argument("--json", type=Path, default=None, help="where to write the JSON (default bench/out/)")
+    p.add_argument("--default-malloc", action="store_true", help="keep glibc's trimming (see revnet_stage.pin_malloc)")
+    p.add_argument("--skip-check", action="store_true", help="skip the agreement check (not for reporting)")
+    args = p.parse_args(argv)
+    if "plain" not in args.providers:
+        args.providers.insert(0, "plain")  # every ratio is to plain autograd
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    pinned = False if args.default_malloc else pin_malloc()
+    # memcnn 1.5.2 frees its input with the deprecated TypedStorage API, once per block and step.
+    warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+    torch.set_num_threads(args.threads or available_cores())
+    threads = torch.get_num_threads()
+    cfg = StageConfig(blocks=args.blocks, batch=args.batch, channels=args.channels, size=args.size)
+    providers: list[str] = args.providers
+
+    env = environment(threads, pinned, argv)
+    print(f"revgrad {env['revgrad']} | memcnn {env['memcnn']} | revlib {env['revlib']}")
+    print(f"torch {env['torch']} | CPU {env['cpu']} | cores {env['cores']} | torch threads {threads}")
+    print(f"glibc malloc thresholds pinned: {pinned}")
+    print(
+        f"stage: {cfg.blocks} additive couplings, input {list(cfg.input_shape)} fp32, "
+        f"branch BN-ReLU-Conv3x3-BN-ReLU-Conv3x3 on {cfg.channels // 2} channels; "
+        f"1 activation = {cfg.activation_bytes / 2**20:.2f} MiB"
+    )
+    print(f"load average at start: {env['loadavg_start']}")
+    load = env["loadavg_start"][:1]
+    if load and load[0] > 0.5 * env["cores"]:
+        print(
+            f"WARNING: load average {load[0]:.1f} on {env['cores']} cores: other processes compete for the CPU"
+            + (", and OpenMP regions wait for descheduled threads" if threads > 1 else "")
+            + "; step times will be noisy."
+        )
+
+    agreements: dict[str, Agreement] = {}
+    if not args.skip_check:
+        print("\nagreement with plain autograd (one step from the same weights):")
+        agreements = compare_with_plain(cfg, tuple(providers))
+        for a in agreements.values():
+            print("  " + a.summary())
+
+    branches = make_branches(cfg)
+    x, grad_out = make_data(cfg)
+    timer = Timer({p: build(p, branches) for p in providers}, x, grad_out)
+    timer.warmup(args.warmup)
+    held = {p: held_bytes(s, x, grad_out) for p, s in timer.stages.items()}
+    for r in range(args.rounds):
+        medians = timer.run_round(r, args.steps)
+        print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{p} {medians[p] * 1e3:.0f}" for p in providers))
+    env["loadavg_end"] = load_average()
+
+    rows = result_rows(timer, held, agreements, cfg)
+    values, lines = targets(timer.rounds, providers)
+    print()
+    print(markdown_table(rows))
+    print("\n".join(lines))
+    print(
+        "minor page faults per step (median): "
+        + ", ".join(f"{r['provider']} {r['page_faults_median']:.0f}" for r in rows)
+    )
+    print(f"load average at end: {env['loadavg_end']}")
+
+    path = args.json or OUT_DIR / f"step_time-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "env": env,
+        "config": asdict(cfg) | {"rounds": args.rounds, "steps": args.steps, "warmup": args.warmup},
+        "results": rows,
+        "rounds_ms": [{p: t * 1e3 for p, t in r.items()} for r in timer.rounds],
+        "targets": values,
+    }
+    path.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from revnet_stage import (
     make_branches,
     make_data,
     make_optimizer,
+    pin_malloc,
     train_step,
 )
 
@@ -58,6 +59,7 @@ def test_bn_running_stats_match_plain_for_revgrad(agreements: dict[str, Agreemen
 @pytest.mark.benchmark(group=f"revnet-stage-{CFG.blocks}")
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_step_time(benchmark, provider: str, branches: Branches) -> None:
+    pin_malloc()  # warm pages for every provider, as in step_time.py
     stage = build(provider, branches)
     stage.module.train()
     optimizer = make_optimizer(stage)

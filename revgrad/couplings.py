@@ -62,6 +62,18 @@ def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, :c1], x[:, c1:]
 
 
+def _cat_sum(first: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``cat([first, p + q], dim=1)``; outside autograd ``p + q`` is written straight into the result."""
+    if torch.is_grad_enabled():
+        return torch.cat([first, p + q], dim=1)
+    dtype = torch.promote_types(first.dtype, torch.promote_types(p.dtype, q.dtype))
+    c = first.shape[1]
+    out = first.new_empty((first.shape[0], c + p.shape[1], *first.shape[2:]), dtype=dtype)
+    out[:, :c].copy_(first)
+    torch.add(p, q, out=out[:, c:])
+    return out
+
+
 def _replay(tape: RngTape | None, mark: int) -> contextlib.AbstractContextManager[None]:
     return tape.replay(mark) if tape is not None else contextlib.nullcontext()
 
@@ -132,10 +144,11 @@ class AdditiveCoupling(_Coupling):
         x1, x2 = _halves(x)
         with claim_tape() as tape:
             _mark(tape)
-            y1 = x1 + self._f(x2, x1.shape)
+            # Channel slices are strided; sub-networks (BatchNorm first) run faster on a packed copy.
+            y1 = x1 + self._f(x2.contiguous(), x1.shape)
             _mark(tape)
-            y2 = x2 + self._g(y1, x2.shape)
-        return torch.cat([y1, y2], dim=1)
+            g_out = self._g(y1, x2.shape)
+        return _cat_sum(y1, x2, g_out)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         self._check_split(y)
@@ -150,7 +163,7 @@ class AdditiveCoupling(_Coupling):
         self._check_split(y)
         y1, y2 = _halves(y.detach())
         with torch.enable_grad():
-            y1_ = y1.detach().requires_grad_()  # a leaf: g's VJP w.r.t. y1 is part of dL/dy1
+            y1_ = y1.contiguous().requires_grad_()  # a packed leaf: g's VJP w.r.t. y1 is part of dL/dy1
             with _replay(tape, 1):
                 g_out = self._g(y1_, y2.shape)
             x2 = (y2 - g_out.detach()).requires_grad_()
@@ -168,13 +181,13 @@ class AdditiveCoupling(_Coupling):
             dy1, *dg = _grad_of(g_out, [y1_, *g_params], gy2)
             gy1 = gy1 if dy1 is None else gy1 + dy1
             dx2, *df = _grad_of(f_out, [x2, *f_params], gy1)
-            gx2 = gy2 if dx2 is None else gy2 + dx2
             by_id: dict[int, torch.Tensor | None] = {}
             for p, d in zip(g_params, dg):
                 by_id[id(p)] = d
             for p, d in zip(f_params, df):
                 by_id[id(p)] = _add(by_id.get(id(p)), d)
-            return torch.cat([gy1, gx2], dim=1), tuple(by_id.get(id(p)) for p in params)
+            gx = torch.cat([gy1, gy2], dim=1) if dx2 is None else _cat_sum(gy1, gy2, dx2)
+            return gx, tuple(by_id.get(id(p)) for p in params)
 
         return x, vjp
 

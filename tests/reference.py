@@ -12,6 +12,8 @@ Tolerances are relative L2 errors ``||actual - expected|| / ||expected||`` per d
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -70,3 +72,28 @@ def scalar_loss(out) -> torch.Tensor:
 
 def grads_of(module: nn.Module) -> list[torch.Tensor | None]:
     return [p.grad for p in module.parameters()]
+
+
+def flat_grads_bf16(net: nn.Module, x: torch.Tensor, *, autocast: bool, check: str | None):
+    """All gradients (input, then parameters) of one step of a deep copy of ``net``, flattened.
+
+    ``check=None`` runs plain autograd, otherwise ``revgrad.reversible(..., check=check)``; under CPU
+    bf16 autocast when ``autocast``. Returns ``(gradients, the module that ran)``.
+    """
+    import revgrad
+
+    model = copy.deepcopy(net)
+    run = (lambda h: plain_chain(model, h)) if check is None else revgrad.reversible(model, check=check)
+    xx = x.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = run(xx)
+    scalar_loss(out).backward()
+    return torch.cat([xx.grad.flatten(), *(p.grad.flatten() for p in model.parameters())]), run
+
+
+def named_grads(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
+    """Parameter gradients by name, plus the input's under ``"input"``."""
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    if x is not None:
+        grads["input"] = x.grad
+    return grads

@@ -13,28 +13,13 @@ import math
 
 import pytest
 import torch
-from reference import assert_rel_close, plain_chain, scalar_loss
+from reference import assert_rel_close, named_grads, plain_chain, scalar_loss
 from test_properties import MODES, ChannelMLP, UserCoupling, assert_grads_match, assert_outputs_equal, make_chain, randn
 from torch import nn
 
 import revgrad
 
 MODE_IDS = sorted(MODES)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def named_grads(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    if x is not None:
-        grads["input"] = x.grad
-    return grads
 
 
 def snapshot(model: nn.Module) -> dict:

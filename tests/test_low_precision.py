@@ -3,25 +3,12 @@ as plain autograd's own bf16 noise, while unchecked reversible backprop is not."
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from chains import exploding_chain, healthy_chain
-from reference import plain_chain, rel_error, scalar_loss
+from reference import flat_grads_bf16, rel_error
 
 import revgrad
-
-
-def _grads(net, x, *, autocast: bool, check: str | None):
-    model = copy.deepcopy(net)
-    run = (lambda h: plain_chain(model, h)) if check is None else revgrad.reversible(model, check=check)
-    xx = x.clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        out = run(xx)
-    scalar_loss(out).backward()
-    return torch.cat([xx.grad.flatten(), *(p.grad.flatten() for p in model.parameters())]), run
-
 
 CASES = {
     "healthy-48": (lambda: healthy_chain(48, channels=6, seed=1), 6),
@@ -35,9 +22,9 @@ def test_checked_bf16_gradients_within_plain_bf16_noise(case):
     net = build()
     torch.manual_seed(0)
     x = torch.randn(4, channels, 6, 6)
-    truth, _ = _grads(net, x, autocast=False, check=None)  # float32, no autocast
-    plain_bf16, _ = _grads(net, x, autocast=True, check=None)
-    checked, model = _grads(net, x, autocast=True, check="correct")
+    truth, _ = flat_grads_bf16(net, x, autocast=False, check=None)  # float32, no autocast
+    plain_bf16, _ = flat_grads_bf16(net, x, autocast=True, check=None)
+    checked, model = flat_grads_bf16(net, x, autocast=True, check="correct")
     noise = rel_error(plain_bf16, truth)
     assert noise > 1e-4, "autocast did not lower the precision: the test is void"
     assert model.last_report.tol == revgrad.default_tol(torch.bfloat16)
@@ -49,6 +36,6 @@ def test_unchecked_bf16_breaks_on_exploding_chain():
     net = exploding_chain(12)
     torch.manual_seed(0)
     x = torch.randn(4, 4, 6, 6)
-    plain_bf16, _ = _grads(net, x, autocast=True, check=None)
-    off, _ = _grads(net, x, autocast=True, check="off")
+    plain_bf16, _ = flat_grads_bf16(net, x, autocast=True, check=None)
+    off, _ = flat_grads_bf16(net, x, autocast=True, check="off")
     assert rel_error(off, plain_bf16) > 1.0

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from reference import TOL, assert_rel_close, plain_chain, rel_error, scalar_loss
+from reference import TOL, assert_rel_close, named_grads, plain_chain, rel_error, scalar_loss
 from test_properties import (
     MODES,
     UserCoupling,
@@ -28,21 +28,6 @@ import revgrad
 import revgrad.engine
 
 MODE_IDS = sorted(MODES)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def named_grads(model: nn.Module, x: torch.Tensor | None = None) -> dict[str, torch.Tensor | None]:
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    if x is not None:
-        grads["input"] = x.grad
-    return grads
 
 
 def dropout_chain(dtype=torch.float32, p: float = 0.3) -> list[nn.Module]:
