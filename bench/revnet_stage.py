@@ -44,6 +44,7 @@ from torch.utils.checkpoint import checkpoint_sequential
 
 import revgrad
 from revgrad.memory import MemoryProbe
+from revgrad.models import revnet_branch
 
 with warnings.catch_warnings():
     # memcnn 1.5.2 decorates with the deprecated torch.cuda.amp.custom_fwd/custom_bwd at import.
@@ -99,16 +100,6 @@ class StageConfig:
         return math.prod(self.input_shape) * 4
 
 
-def residual_branch(channels: int) -> nn.Sequential:
-    """RevNet basic residual function: BN -> ReLU -> Conv3x3 -> BN -> ReLU -> Conv3x3 (``[B, c, H, W]``)."""
-    return nn.Sequential(
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-    )
 
 
 def make_branches(cfg: StageConfig) -> Branches:
@@ -119,7 +110,7 @@ def make_branches(cfg: StageConfig) -> Branches:
     torch.manual_seed(cfg.seed)
     try:
         half = cfg.channels // 2
-        return [(residual_branch(half), residual_branch(half)) for _ in range(cfg.blocks)]
+        return [(revnet_branch(half), revnet_branch(half)) for _ in range(cfg.blocks)]
     finally:
         torch.set_rng_state(gen_state)
 

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from .couplings import AdditiveCoupling
 from .engine import CHECK_MODES, CheckMode
 from .memory import MemoryProbe, cpu_counting_available
+from .models import revnet_branch
 from .report import BackwardReport
 from .sequential import ReversibleSequential, reversible
 
@@ -157,24 +158,6 @@ def load_digits_data(device: torch.device | str = "cpu") -> DemoData:
 # Model
 
 
-def residual_branch(channels: int) -> nn.Sequential:
-    """``f`` or ``g`` of a coupling: ``BN-ReLU-conv3x3-BN-ReLU-conv3x3`` on ``channels`` channels.
-
-    The last conv starts at zero, so every block starts as the identity (a common RevNet/ResNet
-    initialization that lets deeper stacks train from the first step).
-    """
-    last = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-    nn.init.zeros_(last.weight)
-    return nn.Sequential(
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.BatchNorm2d(channels),
-        nn.ReLU(),
-        last,
-    )
-
-
 class Downsample(nn.Module):
     """Non-invertible step between stages: ``BN-ReLU-conv3x3`` with stride 2, ``C -> 2C`` channels.
 
@@ -214,7 +197,10 @@ class RevResNet(nn.Module):
                 layers.append(Downsample(width))
                 width *= 2
             half = width // 2
-            layers += [AdditiveCoupling(residual_branch(half), residual_branch(half)) for _ in range(depth)]
+            layers += [
+                AdditiveCoupling(revnet_branch(half, zero_last=True), revnet_branch(half, zero_last=True))
+                for _ in range(depth)
+            ]
         self.body = nn.Sequential(*layers)
         self.head = nn.Sequential(
             nn.BatchNorm2d(width), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, num_classes)
