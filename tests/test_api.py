@@ -22,6 +22,17 @@ import revgrad
 MODE_IDS = sorted(MODES)
 
 
+def _assert_matches_plain(model: nn.Module, ref_blocks: list[nn.Module]) -> None:
+    """One float64 step: output and every gradient equal plain autograd on ``ref_blocks``."""
+    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
+    ref_x = x.detach().clone().requires_grad_()
+    out, ref_out = model(x), plain_chain(ref_blocks, ref_x)
+    assert_outputs_equal(out, ref_out)
+    scalar_loss(out).backward()
+    scalar_loss(ref_out).backward()
+    assert_grads_match(named_grads(model, x), named_grads(nn.Sequential(*ref_blocks), ref_x))
+
+
 def snapshot(model: nn.Module) -> dict:
     """Everything an error must not lose: parameter and buffer values (and objects), grads, RNG state."""
     return {
@@ -84,13 +95,7 @@ def test_container_of_blocks_becomes_new_reversible_sequential(container):
     if isinstance(source, nn.Module):
         assert list(model.state_dict()) == list(source.state_dict())
 
-    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
-    ref_x = x.detach().clone().requires_grad_()
-    out, ref_out = model(x), plain_chain(ref_blocks, ref_x)
-    assert_outputs_equal(out, ref_out)
-    scalar_loss(out).backward()
-    scalar_loss(ref_out).backward()
-    assert_grads_match(named_grads(model, x), named_grads(nn.Sequential(*ref_blocks), ref_x))
+    _assert_matches_plain(model, ref_blocks)
 
 
 def test_single_block_becomes_one_block_chain():
@@ -505,10 +510,4 @@ def test_user_fused_block_that_never_marks_the_tape(mode):
     assert isinstance(blocks[0], revgrad.FusedBlock)
     ref_blocks = copy.deepcopy(blocks)
     model = revgrad.reversible(blocks, **MODES[mode], anchor_every=2)
-    x = randn(3, 4, dtype=torch.float64, requires_grad=True)
-    ref_x = x.detach().clone().requires_grad_()
-    out, ref_out = model(x), plain_chain(ref_blocks, ref_x)
-    assert_outputs_equal(out, ref_out)
-    scalar_loss(out).backward()
-    scalar_loss(ref_out).backward()
-    assert_grads_match(named_grads(model, x), named_grads(nn.Sequential(*ref_blocks), ref_x))
+    _assert_matches_plain(model, ref_blocks)
