@@ -5,10 +5,13 @@ usual. Activation memory stays nearly flat in depth and gradients equal plain au
 every rebuilt activation is checked against a fingerprint stored in forward.
 """
 
+from . import models
 from .anchors import AdaptiveAnchors
 from .couplings import AdditiveCoupling, AffineCoupling
 from .engine import EngineConfig, run_chain
 from .fingerprint import default_tol, fingerprint
+from .interop import FrEIABlock, freia_blocks
+from .layers import ActNorm, InvertibleConv1x1, Reverse, Shuffle, Squeeze
 from .protocol import BlockError, FusedBlock, ReconstructionError, is_block
 from .report import BackwardReport
 from .sequential import ReversibleSequential, reversible
@@ -16,19 +19,27 @@ from .sequential import ReversibleSequential, reversible
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActNorm",
     "AdaptiveAnchors",
     "AdditiveCoupling",
     "AffineCoupling",
     "BackwardReport",
     "BlockError",
     "EngineConfig",
+    "FrEIABlock",
     "FusedBlock",
+    "InvertibleConv1x1",
     "ReconstructionError",
+    "Reverse",
     "ReversibleSequential",
+    "Shuffle",
+    "Squeeze",
     "__version__",
     "default_tol",
     "fingerprint",
+    "freia_blocks",
     "is_block",
+    "models",
     "reversible",
     "run_chain",
 ]
