@@ -13,6 +13,7 @@ from .fingerprint import default_tol, fingerprint
 from .interop import FrEIABlock, freia_blocks
 from .layers import ActNorm, InvertibleConv1x1, Reverse, Shuffle, Squeeze
 from .protocol import BlockError, FusedBlock, ReconstructionError, is_block
+from .regularizers import PenaltySchedule, finite_difference_penalty
 from .report import BackwardReport
 from .sequential import ReversibleSequential, reversible
 
@@ -29,6 +30,7 @@ __all__ = [
     "FrEIABlock",
     "FusedBlock",
     "InvertibleConv1x1",
+    "PenaltySchedule",
     "ReconstructionError",
     "Reverse",
     "ReversibleSequential",
@@ -37,6 +39,7 @@ __all__ = [
     "__version__",
     "default_tol",
     "fingerprint",
+    "finite_difference_penalty",
     "freia_blocks",
     "is_block",
     "models",
