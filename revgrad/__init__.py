@@ -5,9 +5,10 @@ usual. Activation memory stays nearly flat in depth and gradients equal plain au
 every rebuilt activation is checked against a fingerprint stored in forward.
 """
 
-from . import models
+from . import diagnostics, models, regularizers
 from .anchors import AdaptiveAnchors
 from .couplings import AdditiveCoupling, AffineCoupling
+from .diagnostics import BlockStability, StabilityReport, lipschitz_bound, ood_probes, stability_report
 from .engine import EngineConfig, run_chain
 from .fingerprint import default_tol, fingerprint
 from .interop import FrEIABlock, freia_blocks
@@ -26,6 +27,7 @@ __all__ = [
     "AffineCoupling",
     "BackwardReport",
     "BlockError",
+    "BlockStability",
     "EngineConfig",
     "FrEIABlock",
     "FusedBlock",
@@ -36,13 +38,19 @@ __all__ = [
     "ReversibleSequential",
     "Shuffle",
     "Squeeze",
+    "StabilityReport",
     "__version__",
     "default_tol",
+    "diagnostics",
     "fingerprint",
     "finite_difference_penalty",
     "freia_blocks",
     "is_block",
+    "lipschitz_bound",
     "models",
+    "ood_probes",
+    "regularizers",
     "reversible",
     "run_chain",
+    "stability_report",
 ]
