@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .couplings import AdditiveCoupling, AffineCoupling
-from .protocol import is_block
+from .protocol import require_blocks
 
 __all__ = ["BlockStability", "StabilityReport", "lipschitz_bound", "ood_probes", "stability_report"]
 
@@ -268,13 +268,7 @@ def _product(values: list[float | None]) -> float | None:
 
 def _blocks_of(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, nn.Sequential):
-        children = list(model)
-        for i, child in enumerate(children):
-            if not is_block(child):
-                raise TypeError(
-                    f"revgrad.stability_report: child {i} ({type(child).__name__}) of {type(model).__name__} is "
-                    "not a block (no inverse); every child must be invertible"
-                )
+        children = require_blocks(model, f"revgrad.stability_report ({type(model).__name__})", "child")
         if not children:
             raise TypeError("revgrad.stability_report: the chain is empty")
         return children

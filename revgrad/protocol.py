@@ -32,6 +32,7 @@ __all__ = [
     "block_name",
     "check_inverse_output",
     "is_block",
+    "require_blocks",
     "split_output",
 ]
 
@@ -89,6 +90,20 @@ def is_block(module: object) -> bool:
         and callable(getattr(module, "inverse", None))
         and not isinstance(module, ReversibleSequential)
     )
+
+
+def require_blocks(
+    items, where: str, noun: str = "item", error: type[Exception] = TypeError
+) -> list[nn.Module]:
+    """``items`` as a list, raising ``error`` naming the first one that is not a block."""
+    items = list(items)
+    for i, item in enumerate(items):
+        if not is_block(item):
+            raise error(
+                f"{where}: {noun} {i} ({type(item).__name__}) is not a block: blocks are nn.Modules with "
+                "forward(x) and inverse(y)"
+            )
+    return items
 
 
 def block_name(index: int, block: nn.Module) -> str:

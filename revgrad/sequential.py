@@ -11,7 +11,7 @@ from torch import nn
 
 from .anchors import AdaptiveAnchors
 from .engine import CheckMode, EngineConfig, run_chain
-from .protocol import BlockError, is_block
+from .protocol import BlockError, is_block, require_blocks
 from .report import BackwardReport
 
 __all__ = ["DEFAULT_CHECK", "ReversibleSequential", "reversible"]
@@ -153,12 +153,7 @@ class ReversibleSequential(nn.Sequential):
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         """Run the chain backwards, ``x = f_0^-1(... f_{N-1}^-1(y))``, with the same memory saving."""
-        for i, child in enumerate(self):
-            if not is_block(child):
-                raise BlockError(
-                    f"revgrad: {type(self).__name__}.inverse needs every child to be a block; child {i} "
-                    f"({type(child).__name__}) has no inverse method"
-                )
+        require_blocks(self, f"revgrad: {type(self).__name__}.inverse", "child", BlockError)
         n = len(self)
         return run_chain(
             list(self)[::-1], y, self.config, direction="inverse", name=f"{type(self).__name__}.inverse",
@@ -249,13 +244,7 @@ def reversible(
     _validated(**options)  # before touching anything
 
     if isinstance(module, (list, tuple, nn.ModuleList)):
-        items = list(module)
-        for i, item in enumerate(items):
-            if not is_block(item):
-                raise TypeError(
-                    f"revgrad.reversible: item {i} ({type(item).__name__}) is not a block: blocks are "
-                    "nn.Modules with forward(x) and inverse(y)"
-                )
+        items = require_blocks(module, "revgrad.reversible")
         if not items:
             raise TypeError("revgrad.reversible: got an empty list; a chain needs blocks (modules with an inverse)")
         return ReversibleSequential(*items, **options)
