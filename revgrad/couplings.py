@@ -27,21 +27,24 @@ and the incoming gradients::
 
     dx2 = dy2 * s,   dshift = dy2 * s,   draw = (dy2 * y2 + dlogdet) * dlog(s)/draw
 
-The elementwise parts are the reference twins of the Triton kernels (``revgrad.kernels``); they
-compute in float32 (float64 for float64 inputs) whatever the conditioner's output dtype.
+The elementwise math (split, scale, add, log-determinant, residual sums, and the fingerprint of the
+block input folded into the same pass) goes through :mod:`revgrad.fused`: Triton kernels on GPUs,
+their PyTorch twins elsewhere; both compute in float32 (float64 for float64 inputs) whatever the
+conditioner's output dtype.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from . import dispatch, fused
+from .fingerprint import take_request
+from .fused import affine_backward_reference, affine_forward_reference, affine_inverse_reference
 from .protocol import VJP, BlockError
 from .replay import RngTape, claim_tape
 
@@ -97,6 +100,14 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a + b
 
 
+def _fusable(x: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether an additive coupling writes its residual sums with the kernel (no grad needed, one
+    dtype, kernels dispatched for these tensors)."""
+    return (not torch.is_grad_enabled() or not (x.requires_grad or out.requires_grad)) and (
+        out.dtype == x.dtype and dispatch.use_kernels(x, out)
+    )
+
+
 class _Coupling(nn.Module):
     def _check_split(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] < 2:
@@ -141,11 +152,25 @@ class AdditiveCoupling(_Coupling):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_split(x)
+        request = take_request(x)
         x1, x2 = _halves(x)
         with claim_tape() as tape:
             _mark(tape)
             # Channel slices are strided; sub-networks (BatchNorm first) run faster on a packed copy.
-            y1 = x1 + self._f(x2.contiguous(), x1.shape)
+            f_out = self._f(x2.contiguous(), x1.shape)
+            if _fusable(x, f_out):
+                # Each residual add writes its half of y in place and fingerprints x on the way.
+                want = fused.FP_OF_A if request is not None else 0
+                xc = x.contiguous()
+                y = torch.empty_like(xc)
+                fp = fused.residual(xc, f_out, y, 0, subtract=False, fingerprint_of=want)
+                _mark(tape)
+                g_out = self._g(y[:, : x1.shape[1]], x2.shape)
+                fp2 = fused.residual(xc, g_out, y, x1[0].numel(), subtract=False, fingerprint_of=want)
+                if request is not None:
+                    request.value = fp + fp2
+                return y
+            y1 = x1 + f_out
             _mark(tape)
             g_out = self._g(y1, x2.shape)
         return _cat_sum(y1, x2, g_out)
@@ -161,16 +186,32 @@ class AdditiveCoupling(_Coupling):
         self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter]
     ) -> tuple[torch.Tensor, VJP]:
         self._check_split(y)
-        y1, y2 = _halves(y.detach())
+        request = take_request(None)
+        y = y.detach()
+        y1, y2 = _halves(y)
         with torch.enable_grad():
             y1_ = y1.contiguous().requires_grad_()  # a packed leaf: g's VJP w.r.t. y1 is part of dL/dy1
             with _replay(tape, 1):
                 g_out = self._g(y1_, y2.shape)
-            x2 = (y2 - g_out.detach()).requires_grad_()
-            with _replay(tape, 0):
-                f_out = self._f(x2, y1.shape)
-        x1 = y1.detach() - f_out.detach()
-        x = torch.cat([x1, x2.detach()], dim=1)
+            if _fusable(y, g_out.detach()):
+                # Both residual subtractions write straight into x and fingerprint it on the way.
+                want = fused.FP_OF_OUT if request is not None else 0
+                y_ = y.contiguous()
+                x = torch.empty_like(y_)
+                split = y1[0].numel()
+                fp = fused.residual(y_, g_out.detach(), x, split, subtract=True, fingerprint_of=want)
+                # A leaf over x's storage: the kernel writes only the other half afterwards.
+                x2 = x[:, y1.shape[1] :].detach().requires_grad_()
+                with _replay(tape, 0):
+                    f_out = self._f(x2, y1.shape)
+                fp2 = fused.residual(y_, f_out.detach(), x, 0, subtract=True, fingerprint_of=want)
+                if request is not None:
+                    request.value = fp + fp2
+            else:
+                x2 = (y2 - g_out.detach()).requires_grad_()
+                with _replay(tape, 0):
+                    f_out = self._f(x2, y1.shape)
+                x = torch.cat([y1 - f_out.detach(), x2.detach()], dim=1)
         g_ids = {id(p) for p in self.g.parameters()}
         f_ids = {id(p) for p in self.f.parameters()}
         g_params = [p for p in params if id(p) in g_ids]
@@ -190,78 +231,6 @@ class AdditiveCoupling(_Coupling):
             return gx, tuple(by_id.get(id(p)) for p in params)
 
         return x, vjp
-
-
-# --------------------------------------------------------------------------------------------------
-# Affine coupling: elementwise math (reference twins of the kernels).
-
-
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _log_scale(raw: torch.Tensor, kind: str, bound: float) -> torch.Tensor:
-    if kind == "sigmoid":
-        return F.logsigmoid(raw + 2.0)
-    if kind == "exp":
-        return raw
-    return math.log(bound) * torch.tanh(raw)
-
-
-def _dlog_scale(raw: torch.Tensor, kind: str, bound: float) -> torch.Tensor:
-    if kind == "sigmoid":
-        return torch.sigmoid(-(raw + 2.0))
-    if kind == "exp":
-        return torch.ones_like(raw)
-    t = torch.tanh(raw)
-    return math.log(bound) * (1.0 - t * t)
-
-
-def affine_forward_reference(
-    x2: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, kind: str = "sigmoid", bound: float = 2.0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``y2 = (x2 + shift) * s(raw)`` and ``logdet = sum(log s)`` per sample.
-
-    Shapes: ``x2, shift, raw, y2: [B, C2, ...]``; ``logdet: [B]`` (float32, float64 for float64 x2).
-    """
-    acc = _acc(x2.dtype)
-    log_s = _log_scale(raw.to(acc), kind, bound)
-    y2 = (x2.to(acc) + shift.to(acc)) * torch.exp(log_s)
-    return y2.to(x2.dtype), log_s.flatten(1).sum(1)
-
-
-def affine_inverse_reference(
-    y2: torch.Tensor, shift: torch.Tensor, raw: torch.Tensor, kind: str = "sigmoid", bound: float = 2.0
-) -> torch.Tensor:
-    """``x2 = y2 / s(raw) - shift``. Shapes as in :func:`affine_forward_reference`."""
-    acc = _acc(y2.dtype)
-    inv_s = torch.exp(-_log_scale(raw.to(acc), kind, bound))
-    return (y2.to(acc) * inv_s - shift.to(acc)).to(y2.dtype)
-
-
-def affine_backward_reference(
-    y2: torch.Tensor,
-    raw: torch.Tensor,
-    grad_y2: torch.Tensor,
-    grad_logdet: torch.Tensor | None,
-    kind: str = "sigmoid",
-    bound: float = 2.0,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dx2, dshift, draw)`` from the output ``y2``, ``raw`` and the incoming gradients.
-
-    Shapes: ``y2, raw, grad_y2: [B, C2, ...]``, ``grad_logdet: [B]`` or None. ``dx2`` has ``y2``'s
-    dtype, ``dshift`` and ``draw`` ``raw``'s.
-    """
-    acc = _acc(y2.dtype)
-    raw_a = raw.to(acc)
-    s = torch.exp(_log_scale(raw_a, kind, bound))
-    gy = grad_y2.to(acc)
-    d_s = gy * s
-    inner = gy * y2.to(acc)
-    if grad_logdet is not None:
-        inner = inner + grad_logdet.to(acc).view(-1, *([1] * (y2.dim() - 1)))
-    d_raw = inner * _dlog_scale(raw_a, kind, bound)
-    return d_s.to(y2.dtype), d_s.to(raw.dtype), d_raw.to(raw.dtype)
 
 
 class AffineCoupling(_Coupling):
@@ -299,40 +268,45 @@ class AffineCoupling(_Coupling):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_split(x)
+        request = take_request(x)
         x1, x2 = _halves(x)
         with claim_tape() as tape:
             _mark(tape)
-            _, shift, raw = self._conditioner(x1, x2.shape)
-        y2, logdet = affine_forward_reference(x2, shift, raw, self.scale, self.bound)
-        return torch.cat([x1, y2], dim=1), logdet
+            h, _, _ = self._conditioner(x1, x2.shape)
+        y, logdet, fp = fused.affine_coupling(x, h, self.scale, self.bound, request is not None)
+        if request is not None:
+            request.value = fp
+        return y, logdet
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         self._check_split(y)
         y1, y2 = _halves(y)
-        _, shift, raw = self._conditioner(y1, y2.shape)
-        return torch.cat([y1, affine_inverse_reference(y2, shift, raw, self.scale, self.bound)], dim=1)
+        h, _, _ = self._conditioner(y1, y2.shape)
+        return fused.affine_coupling_inverse(y, h, self.scale, self.bound)[0]
 
     def inverse_for_backward(
         self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter]
     ) -> tuple[torch.Tensor, VJP]:
         self._check_split(y)
-        y1, y2 = _halves(y.detach())
+        request = take_request(None)
+        y = y.detach()
+        y1, y2 = _halves(y)
         with torch.enable_grad():
             x1 = y1.detach().requires_grad_()
             with _replay(tape, 0):
-                h, shift, raw = self._conditioner(x1, y2.shape)
-        x2 = affine_inverse_reference(y2, shift.detach(), raw.detach(), self.scale, self.bound)
-        x = torch.cat([y1.detach(), x2], dim=1)
+                h, _, _ = self._conditioner(x1, y2.shape)
+        h_ = h.detach()
+        x, fp = fused.affine_coupling_inverse(y, h_, self.scale, self.bound, request is not None)
+        if request is not None:
+            request.value = fp
 
         def vjp(grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None):
             if grad_y is None:  # only the logdet is differentiated
                 grad_y = torch.zeros_like(y)
-            gy1, gy2 = _halves(grad_y)
-            dx2, dshift, draw = affine_backward_reference(
-                y2, raw.detach(), gy2, grad_logdet, self.scale, self.bound
-            )
-            dx1, *dp = _grad_of(h, [x1, *params], torch.cat([dshift, draw], dim=1))
-            gx1 = gy1 if dx1 is None else gy1 + dx1
-            return torch.cat([gx1, dx2], dim=1), tuple(dp)
+            gx, dh = fused.affine_coupling_backward(y, h_, grad_y, grad_logdet, self.scale, self.bound)
+            dx1, *dp = _grad_of(h, [x1, *params], dh)
+            if dx1 is not None:
+                gx[:, : x1.shape[1]] += dx1
+            return gx, tuple(dp)
 
         return x, vjp

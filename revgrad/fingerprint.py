@@ -22,11 +22,27 @@ both generated once per shape and device and shared by every block.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-__all__ = ["DEFAULT_DIRECTIONS", "default_tol", "fingerprint", "relative_error", "signs"]
+from . import dispatch
+
+__all__ = [
+    "DEFAULT_DIRECTIONS",
+    "FingerprintRequest",
+    "default_tol",
+    "fingerprint",
+    "relative_error",
+    "requesting",
+    "sign_tables",
+    "signs",
+    "take_request",
+]
 
 DEFAULT_DIRECTIONS = 8
 _SEED = 0x5EED_F1A6
@@ -51,6 +67,14 @@ def _chunk_signs(dim: int, directions: int, device: torch.device, dtype: torch.d
     return within, flips
 
 
+def sign_tables(
+    dim: int, device: torch.device, directions: int = DEFAULT_DIRECTIONS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(within [CHUNK, m], flips [dim // CHUNK + 1, m])`` as float32 on ``device``: what kernels take."""
+    return (_pattern(CHUNK, directions, _SEED, device, torch.float32),
+            _pattern(dim // CHUNK + 1, directions, _SEED + 1, device, torch.float32))
+
+
 def signs(dim: int, directions: int = DEFAULT_DIRECTIONS, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """The ``[dim, directions]`` ±1 matrix the fingerprint projects on (materialized for tests only).
 
@@ -67,7 +91,18 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fingerprint(x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.Tensor:
-    """Fingerprint of ``x`` (shape ``[B, ...]``): a ``[B, directions]`` float64 tensor."""
+    """Fingerprint of ``x`` (shape ``[B, ...]``): a ``[B, directions]`` float64 tensor.
+
+    Runs as the Triton kernel ``revgrad.kernels.fingerprint`` where :mod:`revgrad.dispatch` says so.
+    """
+    if x.dim() > 0 and x.shape[0] > 0 and dispatch.use_kernels(x):
+        dim = x[0].numel()
+        return dispatch.kernels().fingerprint(x.detach(), *sign_tables(dim, x.device, directions))
+    return fingerprint_reference(x, directions)
+
+
+def fingerprint_reference(x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.Tensor:
+    """The PyTorch twin of the fingerprint kernel (same result up to float32 rounding of chunk sums)."""
     acc = _accumulation_dtype(x.dtype)
     flat = x.detach().reshape(x.shape[0], -1)
     if flat.dtype != acc:
@@ -115,3 +150,44 @@ def default_tol(dtype: torch.dtype) -> float:
     See ``docs/architecture.md`` ("Tolerances") for the measurement behind these values.
     """
     return _TOL.get(dtype, 1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused fingerprints: a block whose kernel reads (forward) or writes (backward) the tensor anyway can
+# fingerprint it in the same pass. The engine opens a request around the call; the block takes it.
+
+
+@dataclass
+class FingerprintRequest:
+    """The engine asks for the fingerprint of ``target`` (forward: the block input; backward: None,
+    meaning the input the block rebuilds). A block that computes it stores it in ``value``."""
+
+    target: torch.Tensor | None
+    value: torch.Tensor | None = None
+
+
+_REQUEST: contextvars.ContextVar[FingerprintRequest | None] = contextvars.ContextVar(
+    "revgrad_fingerprint_request", default=None
+)
+
+
+@contextlib.contextmanager
+def requesting(request: FingerprintRequest | None) -> Iterator[FingerprintRequest | None]:
+    """Make ``request`` the one a block call may take (the engine wraps each block call)."""
+    token = _REQUEST.set(request)
+    try:
+        yield request
+    finally:
+        _REQUEST.reset(token)
+
+
+def take_request(target: torch.Tensor | None) -> FingerprintRequest | None:
+    """For a block: the engine's request if it is for ``target`` (None outside the engine).
+
+    Taking clears it, so sub-networks, and blocks nested in them, never see it.
+    """
+    request = _REQUEST.get()
+    if request is None:
+        return None
+    _REQUEST.set(None)
+    return request if request.target is target else None

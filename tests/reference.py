@@ -63,10 +63,10 @@ def plain_chain(blocks, x: torch.Tensor):
 def scalar_loss(out) -> torch.Tensor:
     """A loss that weighs every output element differently (so wrong permutations show)."""
     y, logdet = (out, None) if isinstance(out, torch.Tensor) else out
-    w = torch.linspace(-1.0, 2.0, y.numel(), dtype=torch.float64).reshape(y.shape).to(y.dtype)
+    w = torch.linspace(-1.0, 2.0, y.numel(), dtype=torch.float64).reshape(y.shape).to(y.device, y.dtype)
     loss = (y * w).sum() + 0.5 * y.square().sum()
     if logdet is not None:
-        loss = loss + (logdet * torch.arange(1, logdet.numel() + 1, dtype=logdet.dtype)).sum()
+        loss = loss + (logdet * torch.arange(1, logdet.numel() + 1, dtype=logdet.dtype, device=logdet.device)).sum()
     return loss
 
 

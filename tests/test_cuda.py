@@ -1,0 +1,122 @@
+"""The engine on a GPU: gradients vs plain autograd, correction, RNG replay, autocast, memory.
+
+Marked ``cuda`` and skipped without a GPU (``bench/gpu_suite.sh`` runs them whenever one is lent).
+``REVGRAD_TEST_DEVICE=cpu`` (with ``TRITON_INTERPRET=1``) runs the same tests on the CPU, to check
+the tests themselves where no GPU is at hand. Kernels are on by default on CUDA
+(``REVGRAD_KERNELS=auto``), so these tests also cover the kernels inside the engine.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+from chains import exploding_chain, healthy_chain
+from reference import TOL, assert_rel_close, named_grads, plain_chain, scalar_loss
+from torch import nn
+
+import revgrad
+
+DEVICE = "cuda" if torch.cuda.is_available() else os.environ.get("REVGRAD_TEST_DEVICE")
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE is None, reason="needs a CUDA device (or REVGRAD_TEST_DEVICE=cpu for a dry run)"),
+]
+
+
+def _grads_vs_plain_fp64(chain: nn.Sequential, x: torch.Tensor, check: str, tol: float):
+    plain = copy.deepcopy(chain).double()
+    xp = x.double().requires_grad_()
+    scalar_loss(plain_chain(list(plain), xp)).backward()
+    rev = revgrad.reversible(chain, check=check)
+    xr = x.clone().requires_grad_()
+    scalar_loss(rev(xr)).backward()
+    assert_rel_close(xr.grad, xp.grad, tol, "dL/dx")
+    ref = named_grads(plain)
+    for name, g in named_grads(rev).items():
+        assert_rel_close(g, ref[name], tol, name)
+    return rev
+
+
+@pytest.mark.parametrize("check", ["off", "detect", "correct"])
+def test_healthy_chain_matches_plain_autograd(check):
+    chain = healthy_chain(9, channels=6, seed=3).to(DEVICE)
+    chain.eval()  # BatchNorm in eval: the float64 reference computes the same function
+    x = torch.randn(4, 6, 8, 8, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    rev = _grads_vs_plain_fp64(chain, x, check, 5 * TOL[torch.float32])
+    if check != "off":
+        assert not rev.last_report.corrected
+        assert rev.last_report.max_error < 1e-5
+
+
+def test_exploding_chain_is_corrected():
+    chain = exploding_chain(depth=12).to(DEVICE)
+    torch.manual_seed(1)
+    x = torch.randn(3, 4, 5, 7).to(DEVICE)
+    rev = _grads_vs_plain_fp64(chain, x, "correct", 1e-4)
+    assert rev.last_report.corrected
+
+
+def test_dropout_masks_replayed():
+    torch.manual_seed(4)
+    blocks = [
+        revgrad.AdditiveCoupling(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Dropout(0.3)),
+                                 nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Dropout(0.3)))
+        for _ in range(5)
+    ]
+    chain = nn.Sequential(*blocks).to(DEVICE)
+    ref = copy.deepcopy(chain)
+    x0 = torch.randn(2, 6, 8, 8, device=DEVICE)
+    grads = []
+    for model in (revgrad.reversible(chain), ref):
+        torch.manual_seed(5)
+        x = x0.clone().requires_grad_()
+        out = model(x) if model is not ref else plain_chain(list(ref), x)
+        torch.rand(3, device=DEVICE)  # the caller draws between forward and backward
+        scalar_loss(out).backward()
+        grads.append((x.grad, named_grads(model)))
+    assert_rel_close(grads[0][0], grads[1][0], name="dL/dx")
+    for name, g in grads[0][1].items():
+        assert_rel_close(g, grads[1][1][name], name=name)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="bf16 autocast on CUDA")
+def test_bf16_autocast_matches_plain_autocast():
+    chain = healthy_chain(6, channels=6, seed=6).to(DEVICE).eval()
+    ref = copy.deepcopy(chain)
+    x0 = torch.randn(4, 6, 8, 8, device=DEVICE)
+    results = []
+    for model in (revgrad.reversible(chain), None):
+        x = x0.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x) if model is not None else plain_chain(list(ref), x)
+        scalar_loss(out).backward()
+        results.append((x.grad, named_grads(model if model is not None else ref)))
+    assert_rel_close(results[0][0], results[1][0], TOL[torch.bfloat16], "dL/dx")
+    for name, g in results[0][1].items():
+        assert_rel_close(g, results[1][1][name], TOL[torch.bfloat16], name)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA allocator statistics")
+def test_held_memory_flat_in_depth():
+    held = {}
+    for depth in (4, 16):
+        torch.manual_seed(0)
+        chain = nn.Sequential(*[
+            revgrad.AdditiveCoupling(nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1))
+            for _ in range(depth)
+        ]).to(DEVICE)
+        rev = revgrad.reversible(chain, check="off")
+        x = torch.randn(8, 16, 32, 32, device=DEVICE, requires_grad=True)
+        rev(x).sum().backward()  # warm-up: lazily created state
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        y = rev(x)
+        held[depth] = torch.cuda.memory_allocated() - before
+        y.sum().backward()
+    activation = 8 * 16 * 32 * 32 * 4
+    assert held[16] <= held[4] + activation // 4, held
+    assert held[16] <= 2 * activation, held
