@@ -30,13 +30,9 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
-import os
-import platform
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -49,127 +45,55 @@ import torch
 from revnet_stage import (
     PROVIDERS,
     Agreement,
-    Stage,
     StageConfig,
-    build,
+    TrainStep,
     compare_with_plain,
-    fresh_input,
     held_bytes,
-    make_branches,
-    make_data,
-    make_optimizer,
     pin_malloc,
-    train_step,
+    train_steps,
 )
 
+from revgrad.measure import available_cores, load_average, machine_info, paired_ratio, quantile
+
 OUT_DIR = Path(__file__).resolve().parent / "out"
-ROOT = Path(__file__).resolve().parent.parent
-
-# --------------------------------------------------------------------------------------------------
-# The machine.
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def load_average() -> list[float]:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return []
-
-
-def revgrad_revision() -> str:
-    """``git describe --always --dirty`` of the checkout, plus the revgrad files changed since."""
-    try:
-        rev = subprocess.run(
-            ["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True, text=True, check=True
-        ).stdout.strip()
-        status = subprocess.run(
-            ["git", "status", "--porcelain", "--", "revgrad", "kernels"], cwd=ROOT, capture_output=True, text=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    changed = [line[3:] for line in status.splitlines() if line.strip()]
-    return rev + (f" (uncommitted: {', '.join(changed)})" if changed else "")
-
-
-def environment(threads: int, malloc_pinned: bool, argv: Sequence[str]) -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "cpu": cpu_model(),
-        "cores": available_cores(),
-        "threads": threads,
-        "malloc_pinned": malloc_pinned,
-        "revgrad": revgrad_revision(),
-        "memcnn": importlib.metadata.version("memcnn"),
-        "revlib": importlib.metadata.version("revlib"),
-        "loadavg_start": load_average(),
-        "command": " ".join(["python", "bench/step_time.py", *argv]),
-    }
+def environment(malloc_pinned: bool, argv: Sequence[str]) -> dict[str, Any]:
+    info = machine_info("cpu", " ".join(["python", "bench/step_time.py", *argv]))
+    return info | {"malloc_pinned": malloc_pinned}
 
 
 # --------------------------------------------------------------------------------------------------
 # Measuring.
 
 
-def quantile(values: Sequence[float], q: float) -> float:
-    if len(values) < 2:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
-
-
-def paired_ratio(rounds: list[dict[str, float]], num: str, den: str) -> float:
-    """Median over rounds of ``num``'s round median divided by ``den``'s round median."""
-    return statistics.median(r[num] / r[den] for r in rounds)
-
-
 class Timer:
-    """Interleaved step timings of several stages on the same data."""
+    """Interleaved step timings of several providers on the same data."""
 
-    def __init__(self, stages: dict[str, Stage], x: torch.Tensor, grad_out: torch.Tensor) -> None:
-        self.stages = stages
-        self.x = x
-        self.grad_out = grad_out
-        self.optimizers = {p: make_optimizer(s) for p, s in stages.items()}
-        self.wall: dict[str, list[float]] = {p: [] for p in stages}
-        self.cpu: dict[str, list[float]] = {p: [] for p in stages}
-        self.faults: dict[str, list[int]] = {p: [] for p in stages}
+    def __init__(self, steps: dict[str, TrainStep]) -> None:
+        self.steps = steps
+        self.wall: dict[str, list[float]] = {p: [] for p in steps}
+        self.cpu: dict[str, list[float]] = {p: [] for p in steps}
+        self.faults: dict[str, list[int]] = {p: [] for p in steps}
         self.rounds: list[dict[str, float]] = []
-        for s in stages.values():
-            s.module.train()
 
     def step(self, provider: str) -> tuple[float, float, int]:
         """One training step: (wall seconds, CPU seconds of this process, minor page faults)."""
-        _leaf, h = fresh_input(self.x)
+        step = self.steps[provider]
+        step.prepare()
         f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         c0, t0 = time.process_time(), time.perf_counter()
-        train_step(self.stages[provider], h, self.grad_out, self.optimizers[provider])
+        step.run()
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         return wall, cpu, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
 
     def warmup(self, steps: int) -> None:
-        for p in self.stages:
+        for p in self.steps:
             for _ in range(steps):
                 self.step(p)
 
     def run_round(self, index: int, steps: int) -> dict[str, float]:
-        names = list(self.stages)
+        names = list(self.steps)
         k = index % len(names)
         medians: dict[str, float] = {}
         for p in names[k:] + names[:k]:
@@ -191,7 +115,7 @@ def result_rows(
     timer: Timer, held: dict[str, int], agreements: dict[str, Agreement], cfg: StageConfig
 ) -> list[dict[str, Any]]:
     rows = []
-    for p in timer.stages:
+    for p in timer.steps:
         ts = timer.wall[p]
         a = agreements.get(p)
         rows.append(
@@ -284,8 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = StageConfig(blocks=args.blocks, batch=args.batch, channels=args.channels, size=args.size)
     providers: list[str] = args.providers
 
-    env = environment(threads, pinned, argv)
-    print(f"revgrad {env['revgrad']} | memcnn {env['memcnn']} | revlib {env['revlib']}")
+    env = environment(pinned, argv)
+    print(f"revgrad {env['revision'] or env['revgrad']} | memcnn {env['memcnn']} | revlib {env['revlib']}")
     print(f"torch {env['torch']} | CPU {env['cpu']} | cores {env['cores']} | torch threads {threads}")
     print(f"glibc malloc thresholds pinned: {pinned}")
     print(
@@ -309,11 +233,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for a in agreements.values():
             print("  " + a.summary())
 
-    branches = make_branches(cfg)
-    x, grad_out = make_data(cfg)
-    timer = Timer({p: build(p, branches) for p in providers}, x, grad_out)
+    timer = Timer(train_steps(cfg, tuple(providers)))
     timer.warmup(args.warmup)
-    held = {p: held_bytes(s, x, grad_out) for p, s in timer.stages.items()}
+    held = {p: held_bytes(step) for p, step in timer.steps.items()}
     for r in range(args.rounds):
         medians = timer.run_round(r, args.steps)
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{p} {medians[p] * 1e3:.0f}" for p in providers))

@@ -10,21 +10,7 @@ use ``bench/step_time.py``, which interleaves them.
 from __future__ import annotations
 
 import pytest
-import torch
-from revnet_stage import (
-    PROVIDERS,
-    Agreement,
-    Branches,
-    StageConfig,
-    build,
-    compare_with_plain,
-    fresh_input,
-    make_branches,
-    make_data,
-    make_optimizer,
-    pin_malloc,
-    train_step,
-)
+from revnet_stage import PROVIDERS, Agreement, StageConfig, compare_with_plain, pin_malloc, train_steps, unavailable
 
 CFG = StageConfig()
 
@@ -33,18 +19,20 @@ pytestmark = pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserW
 
 
 @pytest.fixture(scope="module")
-def branches() -> Branches:
-    return make_branches(CFG)
-
-
-@pytest.fixture(scope="module")
 def agreements() -> dict[str, Agreement]:
     return compare_with_plain(CFG)
 
 
+def _runnable(provider: str) -> str:
+    reason = unavailable(provider)
+    if reason is not None:
+        pytest.skip(reason)
+    return provider
+
+
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "plain"])
 def test_provider_matches_plain(provider: str, agreements: dict[str, Agreement]) -> None:
-    a = agreements[provider]
+    a = agreements[_runnable(provider)]
     assert a.error is None, a.summary()
     # float64 is the verdict. In float32 a ReLU input within rounding of zero can flip sign in any
     # provider's recomputation and move one small gradient tensor by 1e-3 relative: that is reported
@@ -60,18 +48,7 @@ def test_bn_running_stats_match_plain_for_revgrad(agreements: dict[str, Agreemen
 
 @pytest.mark.benchmark(group=f"revnet-stage-{CFG.blocks}")
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_step_time(benchmark, provider: str, branches: Branches) -> None:
+def test_step_time(benchmark, provider: str) -> None:
     pin_malloc()  # warm pages for every provider, as in step_time.py
-    stage = build(provider, branches)
-    stage.module.train()
-    optimizer = make_optimizer(stage)
-    x, grad_out = make_data(CFG)
-
-    def setup() -> tuple[tuple[torch.Tensor], dict]:
-        _leaf, h = fresh_input(x)
-        return (h,), {}
-
-    def step(h: torch.Tensor) -> None:
-        train_step(stage, h, grad_out, optimizer)
-
-    benchmark.pedantic(step, setup=setup, rounds=10, warmup_rounds=2)
+    step = train_steps(CFG, (_runnable(provider),))[provider]
+    benchmark.pedantic(step.run, setup=step.prepare, rounds=10, warmup_rounds=2)

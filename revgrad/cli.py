@@ -9,6 +9,7 @@ stays fast and works without the optional dependencies.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -190,6 +191,77 @@ def _doctor_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------------
+# revgrad bench
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .benchmark import PROVIDERS
+    from .benchrun import FULL, QUICK
+
+    # Defaults are None so that --quick can fill in what was not given.
+    sizes = parser.add_argument_group("sizes (defaults: full run / with --quick)")
+    sizes.add_argument("--quick", action="store_true",
+                       help=f"small sizes that finish in about a minute on a 2-core CPU: depths "
+                            f"{' '.join(map(str, QUICK.depths))}, batch {QUICK.batch}, {QUICK.steps} timed steps")
+    sizes.add_argument("--depths", type=_positive_int, nargs="+", metavar="N",
+                       help=f"blocks of the stage (default: {' '.join(map(str, FULL.depths))})")
+    sizes.add_argument("--batch", type=_positive_int, metavar="B", help=f"batch size (default: {FULL.batch})")
+    sizes.add_argument("--channels", type=_positive_int, metavar="C",
+                       help=f"channels of the stage input, even (default: {FULL.channels})")
+    sizes.add_argument("--size", type=_positive_int, metavar="S",
+                       help=f"height = width of the stage input (default: {FULL.size})")
+    sizes.add_argument("--steps", type=_positive_int, metavar="K",
+                       help=f"timed steps per provider and depth, interleaved (default: {FULL.steps})")
+    sizes.add_argument("--warmup", type=int, metavar="K",
+                       help=f"untimed steps per provider and depth (default: {FULL.warmup})")
+    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, metavar="P",
+                        help=f"providers to compare; plain autograd is always added (default: all: "
+                             f"{' '.join(PROVIDERS)})")
+    parser.add_argument("--budget-mib", type=_positive_float, metavar="MIB",
+                        help="also find, per provider, the largest batch whose step (input + peak) fits this many "
+                             "MiB (doubling, then bisection to within 3%%); on CPU bytes are counted, not limited")
+    parser.add_argument("--device", default="auto", help="'auto' (CUDA when available), 'cpu', 'cuda' or "
+                                                         "'cuda:N' (default: %(default)s)")
+    parser.add_argument("--threads", type=_positive_int, metavar="N",
+                        help="torch CPU threads (default: 1 on CPU, steadier on a machine shared with other work)")
+    parser.add_argument("--out", default="revgrad-bench", metavar="DIR",
+                        help="folder for bench.json and bench.png (default: %(default)s)")
+    parser.add_argument("--no-check", dest="check", action="store_false",
+                        help="skip the float64 check that every provider computes plain autograd's gradients")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def _bench_run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from pathlib import Path
+
+    from .benchrun import FULL, QUICK, format_table, run_bench, write_outputs
+
+    given = {
+        name: getattr(args, name)
+        for name in ("batch", "channels", "size", "steps", "warmup")
+        if getattr(args, name) is not None
+    }
+    if args.depths:
+        given["depths"] = tuple(args.depths)
+    if args.providers:
+        given["providers"] = tuple(args.providers)
+    settings = replace(QUICK if args.quick else FULL, **given, device=args.device, threads=args.threads,
+                       check=args.check, budget_mib=args.budget_mib)
+    try:
+        result = run_bench(settings, progress=args.progress, command=shlex.join(args.command_line))
+    except ValueError as exc:
+        _error(str(exc))
+        return 2
+    print(format_table(result))
+    json_path, png, why = write_outputs(result, Path(args.out))
+    print(f"\nwrote {json_path}" + (f" and {png}" if png else ""))
+    if why:
+        _error(why, prefix="revgrad bench: ")
+    return 0
+
+
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="demo",
@@ -203,6 +275,21 @@ COMMANDS: tuple[Command, ...] = (
         ),
         add_arguments=_demo_arguments,
         run=_demo_run,
+    ),
+    Command(
+        name="bench",
+        help="measure memory and step time of revgrad, plain autograd, checkpointing, memcnn and RevLib",
+        description=(
+            "Train the same RevNet stage (additive couplings, RevNet basic branches) with every provider, for "
+            "several depths, on this machine: plain autograd, torch.utils.checkpoint (sqrt(N) segments), revgrad "
+            "check='off' and check='correct', memcnn and RevLib (skipped when not installed). Prints a table of "
+            "bytes held between forward and backward, the step's peak bytes, the step time (median, providers "
+            "interleaved) and ratios to plain autograd measured in the same run; writes bench.json and bench.png "
+            "(memory and time vs depth; the plot needs matplotlib) to --out. A float64 check first verifies that "
+            "every provider computes plain autograd's gradients."
+        ),
+        add_arguments=_bench_arguments,
+        run=_bench_run,
     ),
     Command(
         name="doctor",
@@ -248,4 +335,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    args.command_line = ["revgrad", *(sys.argv[1:] if argv is None else argv)]  # recorded with results
     return args.run(args)

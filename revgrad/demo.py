@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .couplings import AdditiveCoupling
 from .engine import CHECK_MODES, CheckMode
@@ -408,6 +407,8 @@ def run_demo(
         corrections = 0
         last_report: BackwardReport | None = None
         train_start = time.perf_counter()
+        from tqdm.auto import tqdm  # here, so that `revgrad --help` and other commands run without it
+
         model.train()
         for epoch in range(epochs):
             order = torch.randperm(n, generator=order_rng).to(dev)

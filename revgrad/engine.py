@@ -25,14 +25,15 @@ import contextlib
 import logging
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 from torch import nn
 
 from .anchors import AdaptiveAnchors, regular_anchors
-from .fingerprint import default_tol, fingerprint, relative_error
+from .fingerprint import FingerprintRequest, default_tol, fingerprint, relative_error, requesting
+from .graph_budget import GraphBudget, SavedBytes
 from .protocol import (
     VJP,
     BlockError,
@@ -44,7 +45,7 @@ from .protocol import (
 from .replay import AutocastState, BufferGuard, ParamAliases, RngTape, recording
 from .report import BackwardReport
 
-__all__ = ["CHECK_MODES", "EngineConfig", "run_chain"]
+__all__ = ["CHECK_MODES", "EngineConfig", "run_chain", "run_plain"]
 
 logger = logging.getLogger("revgrad")
 
@@ -64,6 +65,8 @@ class EngineConfig:
         anchor_every: distance between regular anchors (``None``: ``ceil(sqrt(N))``).
         preserve_rng_state: replay the generators' states in backward (dropout masks).
         warn: emit a ``RuntimeWarning`` and a ``logging`` record on each correction.
+        graph_budget: bytes of autograd graphs the last blocks of a chain may keep instead of being
+            recomputed in backward (:mod:`revgrad.graph_budget`); 0 keeps none.
     """
 
     check: CheckMode = "correct"
@@ -71,6 +74,7 @@ class EngineConfig:
     anchor_every: int | None = None
     preserve_rng_state: bool = True
     warn: bool = False
+    graph_budget: int = 0
 
     def __post_init__(self) -> None:
         if self.check not in CHECK_MODES:
@@ -79,6 +83,8 @@ class EngineConfig:
             raise ValueError(f"revgrad: tol must be positive, got {self.tol}")
         if self.anchor_every is not None and (not isinstance(self.anchor_every, int) or self.anchor_every < 1):
             raise ValueError(f"revgrad: anchor_every must be a positive integer, got {self.anchor_every!r}")
+        if not isinstance(self.graph_budget, int) or self.graph_budget < 0:
+            raise ValueError(f"revgrad: graph_budget must be a number of bytes >= 0, got {self.graph_budget!r}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -188,6 +194,9 @@ class _Chain:
     block_params: list[list[int]]
     owner: object | None
     adaptive: AdaptiveAnchors | None
+    graphs: GraphBudget | None = None  # measures graph sizes in backward for the kept-graph budget
+    shape: tuple[int, ...] = ()  # the chain input's shape (graph sizes are per shape)
+    kept_above: list[int] = field(default_factory=list)  # labels of the kept blocks after this chain
 
 
 def _collect_params(blocks: list[nn.Module]) -> tuple[list[torch.Tensor], list[list[int]]]:
@@ -237,11 +246,14 @@ class _RevBackprop(torch.autograd.Function):
             if i in stored:
                 anchor_at.append(i)
                 anchor_tensors.append(h)
-            fp = fingerprint(h) if checking and i not in stored else None
+            # A fused block fingerprints its input inside its own kernel pass; others get it here.
+            request = FingerprintRequest(h) if checking and i not in stored else None
             tape = RngTape(h.device) if cfg.preserve_rng_state else None
             buffers = BufferGuard.before(block)
             fused = direction.fused(block)
-            y, ld = direction.record(block, chain.labels[i], h, tape, fused)
+            with requesting(request):
+                y, ld = direction.record(block, chain.labels[i], h, tape, fused)
+            fp = None if request is None else (request.value if request.value is not None else fingerprint(h))
             if tape is not None:
                 tape.close()
                 if not tape.consumed:
@@ -314,16 +326,26 @@ class _Backward:
                 h = self._input_of(i, block, rec, h, None)[0]
                 continue
             bparams = [chain.params[j] for j in chain.block_params[i]]
-            x, vjp = self._input_of(i, block, rec, h, bparams)
-            if vjp is not None:
-                gx, gps = vjp(gy, gld)
-            else:
-                gx, gps = self._recompute_vjp(i, block, rec, x, gy, gld, bparams, i > 0 or need_x)
+            meter = self._meter(i, block)
+            with meter if meter is not None else contextlib.nullcontext():
+                x, vjp = self._input_of(i, block, rec, h, bparams)
+                if vjp is not None:
+                    gx, gps = vjp(gy, gld)
+                else:
+                    gx, gps = self._recompute_vjp(i, block, rec, x, gy, gld, bparams, i > 0 or need_x)
+            if meter is not None:
+                chain.graphs.record(chain.labels[i], chain.shape, meter.total, rec.nbytes)
             for j, g in zip(chain.block_params[i], gps):
                 if g is not None:
                     param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
             h, gy = x, gx
         return (gy if need_x else None), param_grads
+
+    def _meter(self, i: int, block: nn.Module) -> SavedBytes | None:
+        chain = self.chain
+        if chain.graphs is None:
+            return None
+        return chain.graphs.meter(chain.labels[i], chain.shape, chain.labels[i + 1 :] + chain.kept_above, block)
 
     # -- step 1 and 2: the block's input, rebuilt and checked, or exact ---------------------------
 
@@ -334,37 +356,40 @@ class _Backward:
         if exact is not None and i not in self.adaptive_at:
             return exact, None
 
-        x, vjp = self._rebuild(i, block, rec, y, bparams)
+        x, vjp, fp = self._rebuild(i, block, rec, y, bparams)
         if exact is not None:
             # An adaptive anchor: measure against the truth itself, keep the anchor's value on failure.
-            err = self._measure(relative_error(fingerprint(x), fingerprint(exact)), i)
+            err = self._measure(relative_error(fingerprint(x) if fp is None else fp, fingerprint(exact)), i)
             clean = err <= self.tol
             self.chain.adaptive.observe(i, clean)
             return (x, vjp) if clean else (exact, None)
         if rec.fingerprint is None:
             return x, vjp
-        err = self._measure(relative_error(fingerprint(x), rec.fingerprint), i)
+        err = self._measure(relative_error(fingerprint(x) if fp is None else fp, rec.fingerprint), i)
         if err <= self.tol:
             return x, vjp
         if self.chain.config.check == "detect":
             raise ReconstructionError(self.chain.labels[i], type(block).__name__, err, self.tol)
         return self._correct(i, err), None
 
-    def _rebuild(self, i, block, rec, y, bparams) -> tuple[torch.Tensor, VJP | None]:
-        """Rebuild block i's input from its output; fused blocks also return their VJP."""
+    def _rebuild(self, i, block, rec, y, bparams) -> tuple[torch.Tensor, VJP | None, torch.Tensor | None]:
+        """Rebuild block i's input from its output: ``(x, fused VJP or None, x's fingerprint or None)``."""
         self.report.evaluations += 1
         label = self.chain.labels[i]
         if rec.fused and bparams is not None:
-            with rec.buffers.shield(), ParamAliases(block).swap(bparams) as aliases:
+            request = FingerprintRequest(None) if rec.fingerprint is not None or i in self.adaptive_at else None
+            with rec.buffers.shield(), ParamAliases(block).swap(bparams) as aliases, requesting(request):
                 x, vjp = block.inverse_for_backward(y, rec.tape, aliases)
             if x.shape != rec.shape:
                 raise BlockError(
                     f"revgrad: {block_name(label, block)} rebuilt an input of shape {tuple(x.shape)}; its "
                     f"forward input had shape {tuple(rec.shape)}"
                 )
-            return (x if x.dtype == rec.dtype else x.to(rec.dtype)), vjp
+            if x.dtype != rec.dtype:
+                return x.to(rec.dtype), vjp, None
+            return x, vjp, (request.value if request is not None else None)
         with torch.no_grad(), rec.buffers.shield(), rec.replay():
-            return self.chain.direction.undo(block, label, y, rec), None
+            return self.chain.direction.undo(block, label, y, rec), None, None
 
     def _measure(self, err: torch.Tensor, i: int) -> float:
         value = float(err)  # one host sync per checked block: the decision needs it
@@ -423,6 +448,11 @@ class _Backward:
             owner.last_report = self.report
 
 
+def run_plain(blocks: list[nn.Module], labels: list[int], x: torch.Tensor):
+    """Run ``blocks`` forward with plain autograd: ``y`` or ``(y, logdet)`` like :func:`run_chain`."""
+    return _plain(blocks, labels, _Forward, x)
+
+
 def _plain(blocks: list[nn.Module], labels: list[int], direction, x: torch.Tensor):
     logdet = None
     h = x
@@ -443,13 +473,18 @@ def run_chain(
     adaptive: AdaptiveAnchors | None = None,
     name: str = "ReversibleSequential",
     labels: list[int] | None = None,
+    graphs: GraphBudget | None = None,
+    shape: tuple[int, ...] = (),
+    kept_above: list[int] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run ``blocks`` on ``x`` (shape ``[B, ...]``) with memory-saving backprop.
 
     Returns ``y``, or ``(y, logdet)`` with ``logdet`` of shape ``[B]`` (the sum over blocks) when any
     block returns one. Without grad mode, or when neither ``x`` nor any parameter needs a gradient,
     the blocks simply run in order: no fingerprints, snapshots or anchors. ``labels`` names each
-    block in messages (default: its position in ``blocks``).
+    block in messages (default: its position in ``blocks``). ``graphs`` measures the blocks' graph
+    sizes in backward for a kept-graph budget (``shape``: the key they are stored under;
+    ``kept_above``: labels of the blocks kept after this chain, whose sizes count first).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"revgrad: {name} expects a tensor input, got {type(x).__name__}")
@@ -468,5 +503,6 @@ def run_chain(
         return _plain(blocks, labels, steps, x)
     if adaptive is not None:
         adaptive.forget_beyond(len(blocks))
-    chain = _Chain(blocks, labels, steps, config, params, per_block, owner, adaptive)
+    chain = _Chain(blocks, labels, steps, config, params, per_block, owner, adaptive, graphs, shape,
+                   list(kept_above or []))
     return _RevBackprop.apply(chain, x, *params)

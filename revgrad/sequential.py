@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from .anchors import AdaptiveAnchors
-from .engine import CheckMode, EngineConfig, run_chain
+from .engine import CheckMode, EngineConfig, run_chain, run_plain
+from .graph_budget import GraphBudget
 from .protocol import BlockError, is_block, require_blocks
 from .report import BackwardReport
 
@@ -19,8 +20,10 @@ __all__ = ["DEFAULT_CHECK", "ReversibleSequential", "reversible"]
 DEFAULT_CHECK: CheckMode = "correct"
 
 
-def _validated(check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after) -> EngineConfig:
-    config = EngineConfig(check, tol, anchor_every, preserve_rng_state, warn)
+def _validated(
+    check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after, graph_budget=0
+) -> EngineConfig:
+    config = EngineConfig(check, tol, anchor_every, preserve_rng_state, warn, graph_budget)
     if not isinstance(release_after, int) or release_after < 1:
         raise ValueError(f"revgrad: release_after must be a positive integer, got {release_after!r}")
     if adaptive_budget is not None and (not isinstance(adaptive_budget, int) or adaptive_budget < 0):
@@ -47,6 +50,9 @@ class ReversibleSequential(nn.Sequential):
         adaptive_budget: bytes that adaptive anchors may hold (``None``: as many as the regular
             anchors); ``0`` disables adaptive anchors.
         release_after: clean steps after which an adaptive anchor is released.
+        graph_budget: bytes of autograd graphs the last blocks may hold instead of being recomputed
+            in backward (faster; measured per block in backward, kept from the next step on; see
+            :mod:`revgrad.graph_budget`). 0 (default): every block is reversible.
 
     Shapes: ``forward(x: [B, ...]) -> y`` or ``(y, logdet: [B])`` when any block returns a logdet;
     ``inverse(y) -> x`` (every child must be a block).
@@ -64,11 +70,12 @@ class ReversibleSequential(nn.Sequential):
         warn: bool = False,
         adaptive_budget: int | None = None,
         release_after: int = 100,
+        graph_budget: int = 0,
     ) -> None:
         super().__init__(*modules)
         self.configure(
             check=check, tol=tol, anchor_every=anchor_every, preserve_rng_state=preserve_rng_state,
-            warn=warn, adaptive_budget=adaptive_budget, release_after=release_after,
+            warn=warn, adaptive_budget=adaptive_budget, release_after=release_after, graph_budget=graph_budget,
         )
 
     def configure(
@@ -81,10 +88,15 @@ class ReversibleSequential(nn.Sequential):
         warn: bool = False,
         adaptive_budget: int | None = None,
         release_after: int = 100,
+        graph_budget: int = 0,
     ) -> ReversibleSequential:
         """Set the engine options (see the class docstring); returns ``self``. Validates first."""
-        config = _validated(check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after)
+        config = _validated(
+            check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after, graph_budget
+        )
         self.config = config
+        self._graphs = GraphBudget(graph_budget) if graph_budget else None
+        self.kept_blocks: list[int] = []
         self._adaptive_budget = adaptive_budget
         self._release_after = release_after
         self._adaptive: dict[int, AdaptiveAnchors] = {}
@@ -99,6 +111,7 @@ class ReversibleSequential(nn.Sequential):
                 check=cfg.check, tol=cfg.tol, anchor_every=cfg.anchor_every,
                 preserve_rng_state=cfg.preserve_rng_state, warn=cfg.warn,
                 adaptive_budget=self._adaptive_budget, release_after=self._release_after,
+                graph_budget=cfg.graph_budget,
             )
         return item
 
@@ -134,21 +147,38 @@ class ReversibleSequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logdet = None
         h = x
-        for start, modules, blocks in self._runs():
+        runs = self._runs()
+        self.kept_blocks = []
+        for n, (start, modules, blocks) in enumerate(runs):
             if not blocks:
                 for module in modules:
                     h = module(h)
                 continue
-            out = run_chain(
-                modules, h, self.config, owner=_RunReporter(self, start),
-                adaptive=self._adaptive_for(start), name=type(self).__name__,
-                labels=list(range(start, start + len(modules))),
-            )
-            if isinstance(out, tuple):
-                h, ld = out
-                logdet = ld if logdet is None else logdet + ld
-            else:
-                h = out
+            labels = list(range(start, start + len(modules)))
+            kept = 0
+            shape = tuple(h.shape)
+            if self._graphs is not None and n == len(runs) - 1 and torch.is_grad_enabled():
+                kept = self._graphs.keep_count(labels, shape)
+            cut = len(modules) - kept
+            outs = []
+            if cut:
+                outs.append(run_chain(
+                    modules[:cut], h, self.config, owner=_RunReporter(self, start),
+                    adaptive=self._adaptive_for(start), name=type(self).__name__, labels=labels[:cut],
+                    graphs=self._graphs if n == len(runs) - 1 else None, shape=shape, kept_above=labels[cut:],
+                ))
+                h = outs[-1][0] if isinstance(outs[-1], tuple) else outs[-1]
+            if kept:  # the top blocks whose graphs fit in graph_budget: plain autograd, no recompute
+                self.kept_blocks = labels[cut:]
+                if not cut:
+                    self._reports.pop(start, None)  # no engine backward for this run: no report
+                outs.append(run_plain(modules[cut:], labels[cut:], h))
+            for out in outs:
+                if isinstance(out, tuple):
+                    h, ld = out
+                    logdet = ld if logdet is None else logdet + ld
+                else:
+                    h = out
         return h if logdet is None else (h, logdet)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -224,6 +254,7 @@ def reversible(
     warn: bool = False,
     adaptive_budget: int | None = None,
     release_after: int = 100,
+    graph_budget: int = 0,
 ) -> nn.Module:
     """Make a network of blocks train with memory-saving, checked reversible backprop.
 
@@ -239,7 +270,7 @@ def reversible(
     """
     options = dict(
         check=check, tol=tol, anchor_every=anchor_every, preserve_rng_state=preserve_rng_state,
-        warn=warn, adaptive_budget=adaptive_budget, release_after=release_after,
+        warn=warn, adaptive_budget=adaptive_budget, release_after=release_after, graph_budget=graph_budget,
     )
     _validated(**options)  # before touching anything
 

@@ -1,0 +1,88 @@
+"""Sizes and helpers shared by the pytest-benchmark suites (``bench/test_bench_*.py``).
+
+Tiny sizes by default, so that ``python -m pytest tests bench --benchmark-disable`` (CI) runs every
+benchmark once in seconds; ``REVGRAD_BENCH_FULL=1`` selects the real sizes. CUDA is added to the
+devices when present (memory from ``torch.cuda.max_memory_allocated`` there).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import torch
+
+from revgrad.benchmark import PROVIDERS, TrainStep, Workload, glow_stage, revnet_model, revnet_stage, unavailable
+from revgrad.measure import pin_malloc, step_memory
+
+FULL = os.environ.get("REVGRAD_BENCH_FULL", "") == "1"
+DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
+
+# Memory vs depth and batch: the RevNet stage [B, 32, 16, 16] of issue #2 (one activation = B * 32 KiB).
+DEPTHS = (8, 16, 32, 64, 128) if FULL else (2, 4, 8)
+STAGE = dict(batch=16, channels=32, size=16) if FULL else dict(batch=2, channels=4, size=4)
+BATCH_DEPTH = 32 if FULL else 4
+BATCHES = (4, 16, 64) if FULL else (1, 2, 4)
+# Step time: RevNet-38/110/164 at CIFAR size and a Glow stage, small batches.
+MODEL_BATCH, MODEL_SIZE = (16, 32) if FULL else (2, 8)
+GLOW = dict(steps=16, channels=12, size=16, hidden=128, batch=16) if FULL else dict(
+    steps=2, channels=4, size=4, hidden=8, batch=2)
+# Largest batch within a byte budget (input + peak of a step), on the stage at BUDGET_DEPTH blocks.
+BUDGET_MIB = 512 if FULL else 0.25
+BUDGET_DEPTH = 32 if FULL else 4
+# Timed rounds per benchmark (pytest-benchmark, providers one after another).
+ROUNDS = 5 if FULL else 1
+
+# memcnn 1.5.2 frees its input with the deprecated TypedStorage API.
+IGNORE_MEMCNN_WARNING = pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")
+
+
+def stage(depth: int, batch: int | None = None) -> Workload:
+    """The RevNet stage at ``depth`` blocks (and ``batch``, default the suite's)."""
+    return revnet_stage(blocks=depth, **(STAGE | ({"batch": batch} if batch else {})))
+
+
+def models() -> list[Workload]:
+    """The step-time workloads: RevNet-38/110/164 and a Glow stage."""
+    return [*(revnet_model(name, batch=MODEL_BATCH, size=MODEL_SIZE) for name in ("revnet38", "revnet110",
+                                                                                 "revnet164")),
+            glow_stage(**GLOW)]
+
+
+def runnable(provider: str, workload: Workload, device: str) -> None:
+    """Skip the test, saying why, when ``provider`` cannot run ``workload`` here."""
+    reason = unavailable(provider, workload)
+    if reason is not None:
+        pytest.skip(f"{provider} on {workload.name}: {reason}")
+
+
+def bench_step(benchmark, workload: Workload, provider: str, device: str, **info: Any) -> dict[str, Any]:
+    """Time one provider's training step on ``workload`` with pytest-benchmark and record its memory.
+
+    ``benchmark.extra_info`` gets the workload, batch, ``held_bytes``, ``peak_bytes`` and, once timed,
+    ``images_per_s`` (batch / median step); returns it.
+    """
+    runnable(provider, workload, device)
+    if device == "cpu":
+        pin_malloc()  # warm pages for every provider (see revgrad.measure.pin_malloc)
+    step = TrainStep(workload.build(provider, device=device), workload.input(device=device), workload.seed)
+    memory = step_memory(step, device)
+    extra = benchmark.extra_info
+    extra.update(workload=workload.name, provider=provider, device=device, batch=workload.batch,
+                 held_bytes=memory.held_bytes, peak_bytes=memory.peak_bytes, **info)
+
+    def run() -> None:
+        step.run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    benchmark.pedantic(run, setup=step.prepare, rounds=ROUNDS, warmup_rounds=1)
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        extra["images_per_s"] = workload.batch / stats.stats.median
+    return extra
+
+
+PROVIDER_PARAMS = pytest.mark.parametrize("provider", PROVIDERS)
+DEVICE_PARAMS = pytest.mark.parametrize("device", DEVICES)
