@@ -20,23 +20,29 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 
 __all__ = ["GraphBudget", "SavedBytes"]
 
 
 class SavedBytes:
-    """Counts the distinct storages saved for backward while active (a ``saved_tensors_hooks``)."""
+    """Counts the distinct storages saved for backward while active (a ``saved_tensors_hooks``).
+
+    A storage freed meanwhile (a graph released early) and its address reused counts again: in a
+    plain forward both would be alive together.
+    """
 
     def __init__(self, exclude: list[torch.Tensor]) -> None:
-        self._seen = {t.untyped_storage().data_ptr() for t in exclude}
+        self._seen = {t.untyped_storage().data_ptr(): StorageWeakRef(t.untyped_storage()) for t in exclude}
         self.total = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         ptr = storage.data_ptr()
-        if ptr not in self._seen:
-            self._seen.add(ptr)
+        seen = self._seen.get(ptr)
+        if seen is None or seen.expired():
+            self._seen[ptr] = StorageWeakRef(storage)
             self.total += storage.nbytes()
         return t
 
