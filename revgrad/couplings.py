@@ -183,16 +183,26 @@ class AdditiveCoupling(_Coupling):
         return torch.cat([x1, x2], dim=1)
 
     def inverse_for_backward(
-        self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter]
+        self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter], grad_y: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, VJP]:
         self._check_split(y)
         request = take_request(None)
         y = y.detach()
         y1, y2 = _halves(y)
+        g_ids = {id(p) for p in self.g.parameters()}
+        f_ids = {id(p) for p in self.f.parameters()}
+        g_params = [p for p in params if id(p) in g_ids]
+        f_params = [p for p in params if id(p) in f_ids]
+        early: list[torch.Tensor | None] | None = None
         with torch.enable_grad():
             y1_ = y1.contiguous().requires_grad_()  # a packed leaf: g's VJP w.r.t. y1 is part of dL/dy1
             with _replay(tape, 1):
                 g_out = self._g(y1_, y2.shape)
+            if grad_y is not None:
+                # g ran at y1, part of the trusted output: its VJP need not wait for the check, and
+                # taking it now frees g's graph before f's is built (one sub-network graph at a time).
+                early = _grad_of(g_out, [y1_, *g_params], _halves(grad_y)[1])
+                g_out = g_out.detach()
             if _fusable(y, g_out.detach()):
                 # Both residual subtractions write straight into x and fingerprint it on the way.
                 want = fused.FP_OF_OUT if request is not None else 0
@@ -212,14 +222,16 @@ class AdditiveCoupling(_Coupling):
                 with _replay(tape, 0):
                     f_out = self._f(x2, y1.shape)
                 x = torch.cat([y1 - f_out.detach(), x2.detach()], dim=1)
-        g_ids = {id(p) for p in self.g.parameters()}
-        f_ids = {id(p) for p in self.f.parameters()}
-        g_params = [p for p in params if id(p) in g_ids]
-        f_params = [p for p in params if id(p) in f_ids]
+        given = grad_y
 
         def vjp(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None):
             gy1, gy2 = _halves(grad_y)
-            dy1, *dg = _grad_of(g_out, [y1_, *g_params], gy2)
+            if early is not None:
+                if grad_y is not given:
+                    raise RuntimeError("revgrad: AdditiveCoupling's VJP got another gradient than its inverse")
+                dy1, *dg = early
+            else:
+                dy1, *dg = _grad_of(g_out, [y1_, *g_params], gy2)
             gy1 = gy1 if dy1 is None else gy1 + dy1
             dx2, *df = _grad_of(f_out, [x2, *f_params], gy1)
             by_id: dict[int, torch.Tensor | None] = {}

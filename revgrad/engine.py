@@ -22,6 +22,8 @@ DDP see them as they would with plain autograd.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import math
 import warnings
@@ -94,6 +96,15 @@ class EngineConfig:
 def _has_hooks(block: nn.Module) -> bool:
     return bool(block._forward_hooks or block._forward_pre_hooks or block._backward_hooks
                 or block._backward_pre_hooks)
+
+
+@functools.cache
+def _takes_grad_y(cls: type) -> bool:
+    """Whether a fused block's ``inverse_for_backward`` accepts the incoming gradient (``grad_y=``)."""
+    try:
+        return "grad_y" in inspect.signature(cls.inverse_for_backward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 class _Forward:
@@ -323,14 +334,15 @@ class _Backward:
             gld = grad_logdet if rec.has_logdet else None
             if gy is None and gld is None:
                 # No gradient flows through this block; its input is still needed below.
-                h = self._input_of(i, block, rec, h, None)[0]
+                h = self._input_of(i, block, rec, h, None, None)[0]
                 continue
             bparams = [chain.params[j] for j in chain.block_params[i]]
             meter = self._meter(i, block)
             with meter if meter is not None else contextlib.nullcontext():
-                x, vjp = self._input_of(i, block, rec, h, bparams)
+                x, vjp = self._input_of(i, block, rec, h, bparams, gy)
                 if vjp is not None:
                     gx, gps = vjp(gy, gld)
+                    vjp = None  # its sub-network outputs and leaves must not live into the next block
                 else:
                     gx, gps = self._recompute_vjp(i, block, rec, x, gy, gld, bparams, i > 0 or need_x)
             if meter is not None:
@@ -349,14 +361,14 @@ class _Backward:
 
     # -- step 1 and 2: the block's input, rebuilt and checked, or exact ---------------------------
 
-    def _input_of(self, i, block, rec, y, bparams) -> tuple[torch.Tensor, VJP | None]:
+    def _input_of(self, i, block, rec, y, bparams, gy) -> tuple[torch.Tensor, VJP | None]:
         exact = self.anchors.get(i)
         if exact is None:
             exact = self.exact.pop(i, None)
         if exact is not None and i not in self.adaptive_at:
             return exact, None
 
-        x, vjp, fp = self._rebuild(i, block, rec, y, bparams)
+        x, vjp, fp = self._rebuild(i, block, rec, y, bparams, gy)
         if exact is not None:
             # An adaptive anchor: measure against the truth itself, keep the anchor's value on failure.
             err = self._measure(relative_error(fingerprint(x) if fp is None else fp, fingerprint(exact)), i)
@@ -372,14 +384,15 @@ class _Backward:
             raise ReconstructionError(self.chain.labels[i], type(block).__name__, err, self.tol)
         return self._correct(i, err), None
 
-    def _rebuild(self, i, block, rec, y, bparams) -> tuple[torch.Tensor, VJP | None, torch.Tensor | None]:
+    def _rebuild(self, i, block, rec, y, bparams, gy) -> tuple[torch.Tensor, VJP | None, torch.Tensor | None]:
         """Rebuild block i's input from its output: ``(x, fused VJP or None, x's fingerprint or None)``."""
         self.report.evaluations += 1
         label = self.chain.labels[i]
         if rec.fused and bparams is not None:
             request = FingerprintRequest(None) if rec.fingerprint is not None or i in self.adaptive_at else None
             with rec.buffers.shield(), ParamAliases(block).swap(bparams) as aliases, requesting(request):
-                x, vjp = block.inverse_for_backward(y, rec.tape, aliases)
+                extra = {"grad_y": gy} if gy is not None and _takes_grad_y(type(block)) else {}
+                x, vjp = block.inverse_for_backward(y, rec.tape, aliases, **extra)
             if x.shape != rec.shape:
                 raise BlockError(
                     f"revgrad: {block_name(label, block)} rebuilt an input of shape {tuple(x.shape)}; its "

@@ -77,6 +77,11 @@ class FusedBlock(Protocol):
         ``params`` are the tensors the block's parameters stand for during this call (the engine
         swaps in aliases); the closure ``vjp(grad_y, grad_logdet)`` returns ``grad_x`` and their
         gradients in that order. ``grad_y`` or ``grad_logdet`` may be None.
+
+        A block may also accept a keyword ``grad_y``: the engine then passes the gradient it will
+        later give the closure, so parts of the VJP that do not depend on the rebuilt ``x`` can be
+        taken at once and their graphs freed (a lower peak). The closure is only called if ``x``
+        passes its check; otherwise it is dropped with whatever it precomputed.
         """
         ...
 
