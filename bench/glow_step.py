@@ -4,7 +4,7 @@
 
 Model: ``revgrad.glow_classifier`` (one level: squeeze, then ``depth`` x [ActNorm, LU 1x1 conv,
 sigmoid affine coupling]), loss = cross-entropy - mean logdet / pixels. Providers, timed in
-interleaved rounds (median step, ratio to plain measured in the same run):
+interleaved rounds (``revgrad.measure.time_interleaved``: median step, paired ratio to plain per round):
 
 * ``plain``: plain autograd;
 * ``revgrad-kernels``: ``check="correct"`` with ``REVGRAD_KERNELS=auto`` (the kernels on CUDA);
@@ -19,19 +19,17 @@ model and batch, or allocator bytes on CPU.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
-import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import revgrad
+from revgrad import dispatch
+from revgrad.measure import time_interleaved
 from revgrad.memory import MemoryProbe
 from revgrad.models import glow_classifier
 
@@ -41,19 +39,6 @@ PROVIDERS = {
     "revgrad-torch": (True, "correct", "torch"),
     "revgrad-off-kernels": (True, "off", "auto"),
 }
-
-
-@contextlib.contextmanager
-def kernels(mode: str):
-    old = os.environ.get("REVGRAD_KERNELS")
-    os.environ["REVGRAD_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("REVGRAD_KERNELS", None)
-        else:
-            os.environ["REVGRAD_KERNELS"] = old
 
 
 def build(args, device: str) -> dict[str, torch.nn.Module]:
@@ -72,7 +57,7 @@ def build(args, device: str) -> dict[str, torch.nn.Module]:
 
 
 def step(model, x, labels, mode: str) -> None:
-    with kernels(mode):
+    with dispatch.overridden(mode):
         logits = model(x)
         nll = -model.last_logdet.mean() / x[0].numel()
         (F.cross_entropy(logits, labels) + nll).backward()
@@ -128,20 +113,22 @@ def main(argv: list[str] | None = None) -> int:
             peak[name] = probe.peak
         model.zero_grad(set_to_none=True)
 
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for r in range(args.rounds):
-        order = list(models) if r % 2 == 0 else list(reversed(models))
-        for name in order:
-            sync()
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                step(models[name], x, labels, PROVIDERS[name][2])
-                models[name].zero_grad(set_to_none=True)
-            sync()
-            times[name].append((time.perf_counter() - start) / args.steps * 1e3)
-    med = {name: statistics.median(v) for name, v in times.items()}
+    class Step:  # the protocol of revgrad.measure.time_interleaved
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def prepare(self) -> None:
+            models[self.name].zero_grad(set_to_none=True)
+
+        def run(self) -> None:
+            step(models[self.name], x, labels, PROVIDERS[self.name][2])
+
+    timings = time_interleaved({name: Step(name) for name in models}, rounds=args.rounds, per_round=args.steps,
+                               device=device)
+    med = {name: timings.median_ms(name) for name in models}
+    times = timings.times
     rows = [
-        {"provider": name, "step_ms": med[name], "x_plain": med[name] / med["plain"],
+        {"provider": name, "step_ms": med[name], "x_plain": timings.ratio(name),
          "peak_mib": peak[name] / 2**20, "grad_rel_error": errors[name]}
         for name in models
     ]

@@ -44,7 +44,7 @@ from torch import nn
 
 from . import dispatch, fused
 from .fingerprint import take_request
-from .fused import affine_backward_reference, affine_forward_reference, affine_inverse_reference
+from .fused import _halves, affine_backward_reference, affine_forward_reference, affine_inverse_reference
 from .protocol import VJP, BlockError
 from .replay import RngTape, claim_tape
 
@@ -58,11 +58,6 @@ __all__ = [
 
 ScaleKind = Literal["sigmoid", "exp", "bounded"]
 _SCALES = ("sigmoid", "exp", "bounded")
-
-
-def _halves(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c1 = x.shape[1] // 2
-    return x[:, :c1], x[:, c1:]
 
 
 def _cat_sum(first: torch.Tensor, p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:

@@ -14,14 +14,16 @@ diagnostics use them) and code traced by ``torch.compile`` (the compiler fuses t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
+from collections.abc import Iterator
 from types import ModuleType
 
 import torch
 
-__all__ = ["ENV", "KERNEL_DTYPES", "MODES", "kernels", "mode", "triton_error", "use_kernels"]
+__all__ = ["ENV", "KERNEL_DTYPES", "MODES", "kernels", "mode", "overridden", "triton_error", "use_kernels"]
 
 ENV = "REVGRAD_KERNELS"
 MODES = ("auto", "triton", "torch")
@@ -34,6 +36,22 @@ def mode() -> str:
     if value not in MODES:
         raise ValueError(f"revgrad: {ENV}={os.environ[ENV]!r} is not one of {MODES}")
     return value
+
+
+@contextlib.contextmanager
+def overridden(value: str) -> Iterator[None]:
+    """Run a block of code with ``REVGRAD_KERNELS=value`` (restored after; benchmarks and tests)."""
+    if value not in MODES:
+        raise ValueError(f"revgrad: {ENV} must be one of {MODES}, got {value!r}")
+    old = os.environ.get(ENV)
+    os.environ[ENV] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = old
 
 
 @functools.lru_cache(maxsize=1)

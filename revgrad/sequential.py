@@ -147,6 +147,15 @@ class ReversibleSequential(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         logdet = None
         h = x
+
+        def take(out):
+            nonlocal h, logdet
+            if isinstance(out, tuple):
+                h, ld = out
+                logdet = ld if logdet is None else logdet + ld
+            else:
+                h = out
+
         runs = self._runs()
         self.kept_blocks = []
         for n, (start, modules, blocks) in enumerate(runs):
@@ -155,30 +164,21 @@ class ReversibleSequential(nn.Sequential):
                     h = module(h)
                 continue
             labels = list(range(start, start + len(modules)))
-            kept = 0
             shape = tuple(h.shape)
-            if self._graphs is not None and n == len(runs) - 1 and torch.is_grad_enabled():
-                kept = self._graphs.keep_count(labels, shape)
+            graphs = self._graphs if n == len(runs) - 1 else None  # the top run keeps graphs
+            kept = graphs.keep_count(labels, shape) if graphs is not None and torch.is_grad_enabled() else 0
             cut = len(modules) - kept
-            outs = []
             if cut:
-                outs.append(run_chain(
+                take(run_chain(
                     modules[:cut], h, self.config, owner=_RunReporter(self, start),
                     adaptive=self._adaptive_for(start), name=type(self).__name__, labels=labels[:cut],
-                    graphs=self._graphs if n == len(runs) - 1 else None, shape=shape, kept_above=labels[cut:],
+                    graphs=graphs, shape=shape, kept_above=labels[cut:],
                 ))
-                h = outs[-1][0] if isinstance(outs[-1], tuple) else outs[-1]
+            elif kept:
+                self._reports.pop(start, None)  # no engine backward for this run: no report
             if kept:  # the top blocks whose graphs fit in graph_budget: plain autograd, no recompute
                 self.kept_blocks = labels[cut:]
-                if not cut:
-                    self._reports.pop(start, None)  # no engine backward for this run: no report
-                outs.append(run_plain(modules[cut:], labels[cut:], h))
-            for out in outs:
-                if isinstance(out, tuple):
-                    h, ld = out
-                    logdet = ld if logdet is None else logdet + ld
-                else:
-                    h = out
+                take(run_plain(modules[cut:], labels[cut:], h))
         return h if logdet is None else (h, logdet)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:

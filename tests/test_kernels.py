@@ -82,23 +82,6 @@ def _check(actual, expected, tol, name):
     assert_rel_close(actual, expected, tol, name)
 
 
-class _mode:
-    """Set REVGRAD_KERNELS for a block of code."""
-
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __enter__(self):
-        self.old = os.environ.get(dispatch.ENV)
-        os.environ[dispatch.ENV] = self.value
-
-    def __exit__(self, *exc):
-        if self.old is None:
-            os.environ.pop(dispatch.ENV, None)
-        else:
-            os.environ[dispatch.ENV] = self.old
-
-
 # --------------------------------------------------------------------------------------------------
 # Each kernel against its twin.
 
@@ -227,10 +210,10 @@ def test_kernel_dispatch_reaches_the_launchers(monkeypatch):
     real = _k().affine_forward
     monkeypatch.setattr(_k(), "affine_forward", lambda *a: calls.append(1) or real(*a))
     x, h = _inputs((2, 4, 3), torch.float32)
-    with _mode("torch"):
+    with dispatch.overridden("torch"):
         fused.affine_coupling(x, h, "sigmoid", 2.0)
     assert not calls
-    with _mode("triton"):
+    with dispatch.overridden("triton"):
         fused.affine_coupling(x, h, "sigmoid", 2.0)
     assert calls
 
@@ -247,7 +230,7 @@ def test_affine_function_gradients_match_autograd(kind):
     grads = {}
     for mode in ("torch", "triton"):
         xr, hr = x.clone().requires_grad_(), h.clone().requires_grad_()
-        with _mode(mode):
+        with dispatch.overridden(mode):
             y, logdet, _ = fused.affine_coupling(xr, hr, kind, 1.7)
         torch.autograd.backward([y, logdet], [gy, gld])
         grads[mode] = (xr.grad, hr.grad)
@@ -286,10 +269,10 @@ def test_glow_stage_trains_with_kernels_like_plain_autograd(check):
     for step in range(3):
         plain.load_state_dict(rev.state_dict())
         x = torch.randn(3, 5, 7, 9, generator=gen).to(DEVICE)
-        with _mode("torch"):
+        with dispatch.overridden("torch"):
             xp = x.double().requires_grad_()
             scalar_loss(plain_chain(list(plain), xp)).backward()
-        with _mode("triton"):
+        with dispatch.overridden("triton"):
             xr = x.clone().requires_grad_()
             scalar_loss(rev(xr)).backward()
         assert_rel_close(xr.grad, xp.grad, TOL[torch.float32], f"step {step} dL/dx")
@@ -316,12 +299,12 @@ def test_fused_blocks_fingerprint_inside_their_kernels(monkeypatch):
     blocks += [revgrad.AdditiveCoupling(nn.Conv2d(3, 2, 1), nn.Conv2d(2, 3, 1)) for _ in range(4)]
     rev = revgrad.reversible(nn.Sequential(*blocks).to(DEVICE), check="detect")
     x = torch.randn(2, 5, 4, 6, device=DEVICE, requires_grad=True)
-    with _mode("triton"):
+    with dispatch.overridden("triton"):
         y, logdet = rev(x)
         (y.square().sum() + logdet.sum()).backward()
     assert calls == []
     assert max(rev.last_report.errors[1:]) < 1e-6
-    with _mode("torch"):  # the control: on the PyTorch path additive couplings leave it to the engine
+    with dispatch.overridden("torch"):  # the control: on the PyTorch path additive couplings leave it to the engine
         y, logdet = rev(x)
         (y.square().sum() + logdet.sum()).backward()
     assert len(calls) == 2 * 4  # forward and backward, 4 additive couplings
@@ -333,13 +316,13 @@ def test_kernel_fingerprints_catch_an_exploding_inverse():
     torch.manual_seed(1)
     x = torch.randn(3, 4, 5, 7).to(DEVICE)
     xp = x.clone().requires_grad_()
-    with _mode("torch"):
+    with dispatch.overridden("torch"):
         scalar_loss(plain_chain(list(chain), xp)).backward()
     ref = named_grads(chain)
     chain.zero_grad()
     rev = revgrad.reversible(chain, check="correct")
     xr = x.clone().requires_grad_()
-    with _mode("triton"):
+    with dispatch.overridden("triton"):
         scalar_loss(rev(xr)).backward()
     assert rev.last_report.corrected, "the drift went unnoticed"
     assert_rel_close(xr.grad, xp.grad, 1e-4, "dL/dx")
@@ -355,6 +338,6 @@ def test_functorch_transforms_take_the_pytorch_path():
     v = torch.randn_like(x)
     results = []
     for mode in ("triton", "torch"):
-        with _mode(mode):
+        with dispatch.overridden(mode):
             results.append(torch.func.jvp(lambda t: block(t)[0], (x,), (v,))[1])
     assert_rel_close(results[0], results[1], TOL[torch.float32], "J v")
