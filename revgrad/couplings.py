@@ -178,16 +178,17 @@ class AdditiveCoupling(_Coupling):
         return torch.cat([x1, x2], dim=1)
 
     def inverse_for_backward(
-        self, y: torch.Tensor, tape: RngTape | None, params: list[nn.Parameter], grad_y: torch.Tensor | None = None
+        self,
+        y: torch.Tensor,
+        tape: RngTape | None,
+        params: list[nn.Parameter],
+        grad_y: torch.Tensor | None = None,
+        exact: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, VJP]:
         self._check_split(y)
         request = take_request(None)
         y = y.detach()
         y1, y2 = _halves(y)
-        g_ids = {id(p) for p in self.g.parameters()}
-        f_ids = {id(p) for p in self.f.parameters()}
-        g_params = [p for p in params if id(p) in g_ids]
-        f_params = [p for p in params if id(p) in f_ids]
         early: list[torch.Tensor | None] | None = None
         with torch.enable_grad():
             y1_ = y1.contiguous().requires_grad_()  # a packed leaf: g's VJP w.r.t. y1 is part of dL/dy1
@@ -196,9 +197,16 @@ class AdditiveCoupling(_Coupling):
             if grad_y is not None:
                 # g ran at y1, part of the trusted output: its VJP need not wait for the check, and
                 # taking it now frees g's graph before f's is built (one sub-network graph at a time).
-                early = _grad_of(g_out, [y1_, *g_params], _halves(grad_y)[1])
+                early = _grad_of(g_out, [y1_, *params], _halves(grad_y)[1])
                 g_out = g_out.detach()
-            if _fusable(y, g_out.detach()):
+            if exact is not None:
+                # The engine stored this block's input: f is differentiated at the true x2, and the
+                # residual subtractions that would rebuild x are skipped.
+                x = exact.detach()
+                x2 = _halves(x)[1].contiguous().requires_grad_()
+                with _replay(tape, 0):
+                    f_out = self._f(x2, y1.shape)
+            elif _fusable(y, g_out.detach()):
                 # Both residual subtractions write straight into x and fingerprint it on the way.
                 want = fused.FP_OF_OUT if request is not None else 0
                 y_ = y.contiguous()
@@ -226,16 +234,13 @@ class AdditiveCoupling(_Coupling):
                     raise RuntimeError("revgrad: AdditiveCoupling's VJP got another gradient than its inverse")
                 dy1, *dg = early
             else:
-                dy1, *dg = _grad_of(g_out, [y1_, *g_params], gy2)
+                dy1, *dg = _grad_of(g_out, [y1_, *params], gy2)
             gy1 = gy1 if dy1 is None else gy1 + dy1
-            dx2, *df = _grad_of(f_out, [x2, *f_params], gy1)
-            by_id: dict[int, torch.Tensor | None] = {}
-            for p, d in zip(g_params, dg):
-                by_id[id(p)] = d
-            for p, d in zip(f_params, df):
-                by_id[id(p)] = _add(by_id.get(id(p)), d)
+            dx2, *df = _grad_of(f_out, [x2, *params], gy1)
             gx = torch.cat([gy1, gy2], dim=1) if dx2 is None else _cat_sum(gy1, gy2, dx2)
-            return gx, tuple(by_id.get(id(p)) for p in params)
+            # Differentiating both graphs w.r.t. all of the block's parameters (unused ones get None)
+            # sums a parameter that f and g share, without walking the modules to split them.
+            return gx, tuple(_add(a, b) for a, b in zip(dg, df))
 
         return x, vjp
 

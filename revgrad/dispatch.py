@@ -83,11 +83,13 @@ def _traced(tensors: tuple[torch.Tensor, ...]) -> bool:
 def use_kernels(*tensors: torch.Tensor) -> bool:
     """Whether an op on ``tensors`` runs as a Triton kernel (see the module docstring)."""
     chosen = mode()
-    if chosen == "torch" or any(t.dtype not in KERNEL_DTYPES for t in tensors) or _traced(tensors):
-        return False
     on_cuda = all(t.is_cuda for t in tensors)
+    if chosen == "torch" or (chosen == "auto" and not on_cuda):  # the common CPU case, decided cheaply
+        return False
+    if any(t.dtype not in KERNEL_DTYPES for t in tensors) or _traced(tensors):
+        return False
     if chosen == "auto":
-        return on_cuda and triton_error() is None
+        return triton_error() is None
     error = triton_error()
     if error is not None:
         raise RuntimeError(f"revgrad: {ENV}=triton but revgrad.kernels cannot be imported ({error})")

@@ -44,7 +44,7 @@ from .protocol import (
     check_inverse_output,
     split_output,
 )
-from .replay import AutocastState, BufferGuard, ParamAliases, RngTape, recording
+from .replay import AutocastState, BlockSlots, BufferGuard, ParamAliases, RngTape, recording
 from .report import BackwardReport
 
 __all__ = ["CHECK_MODES", "EngineConfig", "run_chain", "run_plain"]
@@ -99,10 +99,11 @@ def _has_hooks(block: nn.Module) -> bool:
 
 
 @functools.cache
-def _takes_grad_y(cls: type) -> bool:
-    """Whether a fused block's ``inverse_for_backward`` accepts the incoming gradient (``grad_y=``)."""
+def _accepts(cls: type, keyword: str) -> bool:
+    """Whether a fused block's ``inverse_for_backward`` accepts ``keyword``: ``grad_y`` (the incoming
+    gradient, known before the check) or ``exact`` (the block's exact input, when one is stored)."""
     try:
-        return "grad_y" in inspect.signature(cls.inverse_for_backward).parameters
+        return keyword in inspect.signature(cls.inverse_for_backward).parameters
     except (TypeError, ValueError):
         return False
 
@@ -203,6 +204,7 @@ class _Chain:
     config: EngineConfig
     params: list[torch.Tensor]
     block_params: list[list[int]]
+    slots: list[BlockSlots]  # per block: its parameter and buffer slots, found once per call
     owner: object | None
     adaptive: AdaptiveAnchors | None
     graphs: GraphBudget | None = None  # measures graph sizes in backward for the kept-graph budget
@@ -210,22 +212,21 @@ class _Chain:
     kept_above: list[int] = field(default_factory=list)  # labels of the kept blocks after this chain
 
 
-def _collect_params(blocks: list[nn.Module]) -> tuple[list[torch.Tensor], list[list[int]]]:
+def _collect_params(blocks: list[nn.Module]) -> tuple[list[torch.Tensor], list[list[int]], list[BlockSlots]]:
     index: dict[int, int] = {}
     params: list[torch.Tensor] = []
     per_block: list[list[int]] = []
-    for block in blocks:
+    slots = [BlockSlots(block) for block in blocks]
+    for found in slots:
         mine: list[int] = []
-        for p in block.parameters():
-            if not p.requires_grad:
-                continue
+        for p in found.trainable:
             j = index.get(id(p))
             if j is None:
                 j = index[id(p)] = len(params)
                 params.append(p)
             mine.append(j)
         per_block.append(mine)
-    return params, per_block
+    return params, per_block, slots
 
 
 def _compute_dtype(x: torch.Tensor, autocast: AutocastState) -> torch.dtype:
@@ -260,7 +261,7 @@ class _RevBackprop(torch.autograd.Function):
             # A fused block fingerprints its input inside its own kernel pass; others get it here.
             request = FingerprintRequest(h) if checking and i not in stored else None
             tape = RngTape(h.device) if cfg.preserve_rng_state else None
-            buffers = BufferGuard.before(block)
+            buffers = BufferGuard.before(chain.slots[i])
             fused = direction.fused(block)
             with requesting(request):
                 y, ld = direction.record(block, chain.labels[i], h, tape, fused)
@@ -366,6 +367,10 @@ class _Backward:
         if exact is None:
             exact = self.exact.pop(i, None)
         if exact is not None and i not in self.adaptive_at:
+            if rec.fused and bparams is not None and _accepts(type(block), "exact"):
+                # The block differentiates at the exact input in its own fused pass, which is
+                # cheaper than the generic recompute of the whole block through autograd.
+                return self._rebuild(i, block, rec, y, bparams, gy, exact)[:2]
             return exact, None
 
         x, vjp, fp = self._rebuild(i, block, rec, y, bparams, gy)
@@ -384,14 +389,22 @@ class _Backward:
             raise ReconstructionError(self.chain.labels[i], type(block).__name__, err, self.tol)
         return self._correct(i, err), None
 
-    def _rebuild(self, i, block, rec, y, bparams, gy) -> tuple[torch.Tensor, VJP | None, torch.Tensor | None]:
-        """Rebuild block i's input from its output: ``(x, fused VJP or None, x's fingerprint or None)``."""
+    def _rebuild(
+        self, i, block, rec, y, bparams, gy, exact=None
+    ) -> tuple[torch.Tensor, VJP | None, torch.Tensor | None]:
+        """Rebuild block i's input from its output: ``(x, fused VJP or None, x's fingerprint or None)``.
+
+        With ``exact`` (a fused block that accepts it), the block returns that input and its VJP there.
+        """
         self.report.evaluations += 1
         label = self.chain.labels[i]
         if rec.fused and bparams is not None:
-            request = FingerprintRequest(None) if rec.fingerprint is not None or i in self.adaptive_at else None
-            with rec.buffers.shield(), ParamAliases(block).swap(bparams) as aliases, requesting(request):
-                extra = {"grad_y": gy} if gy is not None and _takes_grad_y(type(block)) else {}
+            wanted = exact is None and (rec.fingerprint is not None or i in self.adaptive_at)
+            request = FingerprintRequest(None) if wanted else None
+            extra = {} if exact is None else {"exact": exact}
+            if gy is not None and _accepts(type(block), "grad_y"):
+                extra["grad_y"] = gy
+            with rec.buffers.shield(), ParamAliases(self.chain.slots[i]).swap(bparams) as aliases, requesting(request):
                 x, vjp = block.inverse_for_backward(y, rec.tape, aliases, **extra)
             if x.shape != rec.shape:
                 raise BlockError(
@@ -444,7 +457,8 @@ class _Backward:
     def _recompute_vjp(self, i, block, rec, x, gy, gld, bparams, need_gx):
         self.report.evaluations += 1
         x_ = x.detach().requires_grad_(need_gx)
-        with rec.buffers.shield(), ParamAliases(block).swap(bparams) as aliases, torch.enable_grad(), rec.replay():
+        aliasing = ParamAliases(self.chain.slots[i]).swap(bparams)
+        with rec.buffers.shield(), aliasing as aliases, torch.enable_grad(), rec.replay():
             y_, ld_ = self.chain.direction.run(block, self.chain.labels[i], x_)
         pairs = [(o, g) for o, g in ((y_, gy), (ld_, gld)) if o is not None and g is not None and o.requires_grad]
         inputs = ([x_] if need_gx else []) + aliases
@@ -511,11 +525,11 @@ def run_chain(
     labels = list(range(len(blocks))) if labels is None else labels
     if not torch.is_grad_enabled():
         return _plain(blocks, labels, steps, x)
-    params, per_block = _collect_params(blocks)
+    params, per_block, slots = _collect_params(blocks)
     if not x.requires_grad and not params:
         return _plain(blocks, labels, steps, x)
     if adaptive is not None:
         adaptive.forget_beyond(len(blocks))
-    chain = _Chain(blocks, labels, steps, config, params, per_block, owner, adaptive, graphs, shape,
+    chain = _Chain(blocks, labels, steps, config, params, per_block, slots, owner, adaptive, graphs, shape,
                    list(kept_above or []))
     return _RevBackprop.apply(chain, x, *params)

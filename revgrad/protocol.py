@@ -82,6 +82,11 @@ class FusedBlock(Protocol):
         later give the closure, so parts of the VJP that do not depend on the rebuilt ``x`` can be
         taken at once and their graphs freed (a lower peak). The closure is only called if ``x``
         passes its check; otherwise it is dropped with whatever it precomputed.
+
+        A block may also accept a keyword ``exact``: where the engine stored the block's input (an
+        anchor, or a segment recomputed after a correction) it passes it, and the block returns it
+        as ``x`` with the VJP taken at it, instead of the engine recomputing the whole block through
+        autograd.
         """
         ...
 

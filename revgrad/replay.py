@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["AutocastState", "BufferGuard", "ParamAliases", "RngTape", "claim_tape", "recording"]
+__all__ = ["AutocastState", "BlockSlots", "BufferGuard", "ParamAliases", "RngTape", "claim_tape", "recording"]
 
 
 def _cuda_index(device: torch.device) -> int | None:
@@ -151,6 +151,46 @@ class AutocastState:
             yield
 
 
+class BlockSlots:
+    """Where a block keeps its state, found in one walk over its modules (once per forward call).
+
+    ``params``: every ``(module, name, parameter)`` slot holding a trainable parameter (a parameter
+    shared by two modules has two slots); ``trainable``: those parameters, each once, in
+    ``block.parameters()`` order; ``buffers``: every ``(module, name)`` slot holding a buffer. One
+    walk serves the engine's parameter list, the buffer snapshots and the parameter aliases: walking
+    the module tree with ``modules()``/``parameters()`` three times per block and step was a visible
+    part of the engine's per-block overhead on small blocks.
+    """
+
+    __slots__ = ("buffers", "params", "trainable")
+
+    def __init__(self, block: nn.Module) -> None:
+        params: list[tuple[nn.Module, str, torch.Tensor]] = []
+        buffers: list[tuple[nn.Module, str]] = []
+        trainable: list[torch.Tensor] = []
+        seen_params: set[int] = set()
+        seen: set[int] = set()
+        stack = [block]
+        while stack:  # pre-order, children in registration order, each module once: modules()' order
+            module = stack.pop()
+            if id(module) in seen:
+                continue
+            seen.add(id(module))
+            for name, p in module._parameters.items():
+                if p is not None and p.requires_grad:
+                    params.append((module, name, p))
+                    if id(p) not in seen_params:
+                        seen_params.add(id(p))
+                        trainable.append(p)
+            for name, b in module._buffers.items():
+                if b is not None:
+                    buffers.append((module, name))
+            stack.extend(reversed([c for c in module._modules.values() if c is not None]))
+        self.params = params
+        self.buffers = buffers
+        self.trainable = trainable
+
+
 class BufferGuard:
     """Buffers as the block's forward found them; replays in backward run on copies of those values.
 
@@ -167,14 +207,13 @@ class BufferGuard:
         self._slots = slots
 
     @staticmethod
-    def before(block: nn.Module) -> list[tuple[nn.Module, str, int, torch.Tensor]]:
-        """Snapshot every buffer of ``block`` (cheap: buffers are small) before its forward."""
-        return [
-            (module, name, buf._version, buf.clone())
-            for module in block.modules()
-            for name, buf in module._buffers.items()
-            if buf is not None
-        ]
+    def before(slots: BlockSlots) -> list[tuple[nn.Module, str, int, torch.Tensor]]:
+        """Snapshot every buffer of a block (``slots``; cheap: buffers are small) before its forward."""
+        snapshot = []
+        for module, name in slots.buffers:
+            buf = module._buffers[name]
+            snapshot.append((module, name, buf._version, buf.clone()))
+        return snapshot
 
     @classmethod
     def after(cls, snapshot: list[tuple[nn.Module, str, int, torch.Tensor]]) -> BufferGuard:
@@ -215,13 +254,8 @@ class ParamAliases:
 
     __slots__ = ("_slots",)
 
-    def __init__(self, block: nn.Module) -> None:
-        self._slots = [
-            (module, name, p)
-            for module in block.modules()
-            for name, p in module._parameters.items()
-            if p is not None and p.requires_grad
-        ]
+    def __init__(self, slots: BlockSlots) -> None:
+        self._slots = slots.params
 
     @contextlib.contextmanager
     def swap(self, params: list[torch.Tensor]) -> Iterator[list[torch.Tensor]]:

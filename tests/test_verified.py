@@ -207,3 +207,30 @@ def test_adaptive_budget_limits_and_zero_disables():
     off = revgrad.reversible(copy.deepcopy(blocks), anchor_every=100, adaptive_budget=0)
     _step(off, x)
     assert _step(off, x).anchors == [0]
+
+
+def test_fused_blocks_differentiate_at_their_stored_input(monkeypatch):
+    """Additive couplings at anchors and in a corrected segment take the fused pass at the stored
+    input (``exact=``); only the block without a fused path is recomputed generically. fp64 grads =
+    plain autograd."""
+    torch.manual_seed(0)
+    # 9 blocks: anchors at 0, 3, 6; block 8's inverse is off, so its input is recomputed from the
+    # anchor at 6, which also stores block 7's exact input.
+    net = nn.Sequential(*healthy_chain(8, channels=4, affine_every=0), Scale(4, inverse_error=0.01)).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    generic: list[int] = []
+    original = revgrad.engine._Backward._recompute_vjp
+
+    def spy(self, i, *args):
+        generic.append(i)
+        return original(self, i, *args)
+
+    monkeypatch.setattr(revgrad.engine._Backward, "_recompute_vjp", spy)
+    gx_ref, gp_ref = _reference_grads(net, x)
+    model, gx, gp = _revgrad_grads(net, x)
+    assert model.last_report.anchors == [0, 3, 6]
+    assert model.last_report.corrected == [8]
+    assert generic == [8], generic
+    assert_rel_close(gx, gx_ref, 1e-10, "input grad")
+    for i, (a, e) in enumerate(zip(gp, gp_ref)):
+        assert_rel_close(a, e, 1e-10, f"param {i} grad")

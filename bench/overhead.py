@@ -1,0 +1,142 @@
+"""Where a reversible step's time goes on CPU: the recompute bound and the framework's own overhead.
+
+    python bench/overhead.py                         # 12-block RevNet stage, one thread
+    python bench/overhead.py --parts ratios --rounds 12 --json bench/out/overhead.json
+
+Three measurements, each with every provider interleaved round by round (``revgrad.measure``):
+
+1. **Recompute bound** at the stage's real size: plain autograd's forward without grad, as a fraction
+   of plain autograd's training step. Any method that evaluates every block once more in backward
+   (revgrad, RevLib, memcnn's inverse, checkpointing) pays at least that extra evaluation, so its
+   step time is at least ``1 + fraction`` times plain's unless it keeps some blocks' graphs
+   (``graph_budget``).
+2. **Framework overhead**: the same stage with tiny tensors (batch 2, 4 channels, 2x2), where the
+   arithmetic is negligible and a step's time is the cost of dispatching ops, of Python and of the
+   engine's bookkeeping. Reported: median and first quartile of the step (the quartile is steadier
+   on a shared VM), and each provider's excess over plain autograd at the first quartile.
+3. **Ratios** at the real size: each provider's step time over plain autograd's, paired per round
+   (the comparison to run on two commits, alternately, to measure a change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from revgrad.benchmark import TrainStep, revnet_stage, unavailable
+from revgrad.measure import machine_info, pin_malloc, time_interleaved
+
+PROVIDERS = ("plain", "revlib", "memcnn", "revgrad-off", "revgrad-correct")
+TINY = {"batch": 2, "channels": 4, "size": 2}
+
+
+class ForwardOnly:
+    """Plain autograd's forward under ``no_grad``: the one extra evaluation a recompute costs."""
+
+    def __init__(self, step: TrainStep) -> None:
+        self.step = step
+
+    def prepare(self) -> None:
+        self.step.prepare()
+
+    def run(self) -> None:
+        with torch.no_grad():
+            self.step.stage.module(self.step.h)
+
+
+def recompute_bound(rounds: int, blocks: int) -> dict[str, float]:
+    workload = revnet_stage(blocks=blocks)
+    plain = TrainStep(workload.build("plain"), workload.input())
+    forward = ForwardOnly(TrainStep(workload.build("plain"), workload.input()))
+    steps = {"plain step": plain, "plain forward (no grad)": forward}
+    timings = time_interleaved(steps, rounds=rounds, per_round=2, warmup=1)
+    return {
+        "plain_step_ms": timings.median_ms("plain step"),
+        "forward_ms": timings.median_ms("plain forward (no grad)"),
+        "forward_fraction": timings.ratio("plain forward (no grad)", "plain step") or float("nan"),
+    }
+
+
+def overhead(rounds: int, blocks: int) -> list[dict[str, Any]]:
+    workload = revnet_stage(blocks=blocks, **TINY)
+    steps = {
+        p: TrainStep(workload.build(p), workload.input())
+        for p in PROVIDERS
+        if unavailable(p, workload) is None
+    }
+    timings = time_interleaved(steps, rounds=rounds, per_round=10, warmup=3)
+    base = timings.quantile_ms("plain", 0.25)
+    return [
+        {
+            "provider": p,
+            "median_ms": timings.median_ms(p),
+            "q25_ms": timings.quantile_ms(p, 0.25),
+            "excess_over_plain_ms": timings.quantile_ms(p, 0.25) - base,
+        }
+        for p in steps
+    ]
+
+
+def ratios(rounds: int, blocks: int) -> list[dict[str, Any]]:
+    workload = revnet_stage(blocks=blocks)
+    steps = {
+        p: TrainStep(workload.build(p), workload.input())
+        for p in PROVIDERS
+        if unavailable(p, workload) is None
+    }
+    timings = time_interleaved(steps, rounds=rounds, per_round=2, warmup=1)
+    return [{"provider": p, "median_ms": timings.median_ms(p), "x_plain": timings.ratio(p)} for p in steps]
+
+
+PARTS = ("bound", "overhead", "ratios")
+
+
+def _table(columns: list[str], rows: list[tuple[str, ...]]) -> None:
+    print("| provider | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    pinned = pin_malloc()
+    payload: dict[str, Any] = {}
+    if "bound" in args.parts:
+        bound = payload["bound"] = recompute_bound(args.rounds, args.blocks)
+        print(f"recompute bound, {args.blocks}-block stage: plain step {bound['plain_step_ms']:.1f} ms, forward "
+              f"without grad {bound['forward_ms']:.1f} ms = {bound['forward_fraction']:.3f} of a step -> a "
+              f"recompute-once method takes >= {1 + bound['forward_fraction']:.2f}x plain\n")
+    if "overhead" in args.parts:
+        rows = payload["overhead"] = overhead(args.rounds, args.blocks)
+        print(f"framework overhead, {args.blocks} blocks on {tuple(revnet_stage(**TINY).sample_shape)} x batch 2:\n")
+        _table(["median step ms", "first quartile ms", "excess over plain ms"],
+               [(r["provider"], f"{r['median_ms']:.2f}", f"{r['q25_ms']:.2f}", f"{r['excess_over_plain_ms']:+.2f}")
+                for r in rows])
+    if "ratios" in args.parts:
+        rows = payload["ratios"] = ratios(args.rounds, args.blocks)
+        print(f"step time, {args.blocks}-block stage at its real size:\n")
+        _table(["median step ms", "x plain (paired)"],
+               [(r["provider"], f"{r['median_ms']:.1f}", f"{r['x_plain']:.3f}") for r in rows])
+    if args.json:
+        info = machine_info("cpu", " ".join(["python", "bench/overhead.py", *(argv or sys.argv[1:])]))
+        payload = {"machine": info | {"malloc_pinned": pinned}, **payload}
+        with open(args.json, "w") as fh:
+            json.dump(payload, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
