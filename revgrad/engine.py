@@ -26,6 +26,7 @@ import functools
 import inspect
 import logging
 import math
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Literal
@@ -302,19 +303,58 @@ class _RevBackprop(torch.autograd.Function):
         saved = ctx.saved_tensors  # raises if the graph was already freed or y was modified in place
         y, anchors = saved[0], dict(zip(ctx.anchor_at, saved[1:]))
         chain: _Chain = ctx.chain
-        engine = _Backward(ctx, chain, anchors)
+        engine = _Backward(ctx, chain, anchors, deferred=_defer_checks(chain, y))
         grad_logdet = rest[0] if ctx.has_logdet else None
         with ctx.autocast.replay():
             grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
+            if not engine.settle():
+                # A deferred check failed: what was derived below that block is wrong. Run the pass
+                # again with a check per block, which corrects from the anchors.
+                spent = engine.report.evaluations
+                engine = _Backward(ctx, chain, anchors, deferred=False)
+                engine.report.evaluations, engine.report.deferred, engine.report.rerun = spent, True, True
+                grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
         engine.publish()
         return (None, grad_x, *grads)
+
+
+# Deferred checks: "auto" defers on CUDA (where reading each error back would stall the host until
+# the device catches up, once per block) while the chain's previous backward was clean; "always"
+# and "never" (environment variable REVGRAD_DEFER_CHECKS) are for tests and measurements.
+def _global_backward_hooks() -> bool:
+    from torch.nn.modules import module as _module
+
+    return any(getattr(_module, name, None) for name in ("_global_backward_hooks", "_global_backward_pre_hooks"))
+
+
+DEFER_CHECKS = os.environ.get("REVGRAD_DEFER_CHECKS", "auto").strip().lower() or "auto"
+if DEFER_CHECKS not in ("auto", "always", "never"):
+    raise ValueError(f"revgrad: REVGRAD_DEFER_CHECKS must be auto, always or never, got {DEFER_CHECKS!r}")
+
+
+def _defer_checks(chain: _Chain, y: torch.Tensor) -> bool:
+    if chain.config.check == "off" or DEFER_CHECKS == "never":
+        return False
+    if DEFER_CHECKS != "always" and y.device.type != "cuda":
+        return False
+    # Module backward hooks inside the blocks must fire once per step, as in plain autograd; a
+    # second pass after a failed deferred check would fire them again.
+    if any(s.backward_hooks for s in chain.slots) or _global_backward_hooks():
+        return False
+    # After a backward where a check failed (a correction, or a dirty adaptive anchor), the next one
+    # is likely to fail too: check per block rather than pay for a second pass.
+    last = getattr(chain.owner, "last_report", None)
+    return last is None or not (last.rerun or last.max_error > last.tol)
 
 
 class _Backward:
     """One backward pass through a chain (state that lives only while it runs)."""
 
-    def __init__(self, ctx, chain: _Chain, anchors: dict[int, torch.Tensor]) -> None:
+    def __init__(self, ctx, chain: _Chain, anchors: dict[int, torch.Tensor], deferred: bool = False) -> None:
         self.chain = chain
+        self.deferred = deferred
+        # Deferred checks: (block, error as a 0-dim tensor, adaptive anchor?), settled at the end.
+        self.pending: list[tuple[int, torch.Tensor, bool]] = []
         self.records: list[_Record] = ctx.records
         self.anchors = anchors
         self.adaptive_at: frozenset[int] = ctx.adaptive_at
@@ -323,7 +363,8 @@ class _Backward:
         self.exact: dict[int, torch.Tensor] = {}
         n = len(chain.blocks)
         self.report = BackwardReport(
-            errors=[math.nan] * n, check=chain.config.check, tol=self.tol, anchors=sorted(anchors)
+            errors=[math.nan] * n, check=chain.config.check, tol=self.tol, anchors=sorted(anchors),
+            deferred=deferred,
         )
 
     def run(self, y: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None, need_x: bool):
@@ -376,13 +417,21 @@ class _Backward:
         x, vjp, fp = self._rebuild(i, block, rec, y, bparams, gy)
         if exact is not None:
             # An adaptive anchor: measure against the truth itself, keep the anchor's value on failure.
-            err = self._measure(relative_error(fingerprint(x) if fp is None else fp, fingerprint(exact)), i)
+            error = relative_error(fingerprint(x) if fp is None else fp, fingerprint(exact))
+            if self.deferred:
+                self.pending.append((i, error, True))
+                return x, vjp
+            err = self._measure(error, i)
             clean = err <= self.tol
             self.chain.adaptive.observe(i, clean)
             return (x, vjp) if clean else (exact, None)
         if rec.fingerprint is None:
             return x, vjp
-        err = self._measure(relative_error(fingerprint(x) if fp is None else fp, rec.fingerprint), i)
+        error = relative_error(fingerprint(x) if fp is None else fp, rec.fingerprint)
+        if self.deferred:
+            self.pending.append((i, error, False))  # go on as if clean; settle() decides
+            return x, vjp
+        err = self._measure(error, i)
         if err <= self.tol:
             return x, vjp
         if self.chain.config.check == "detect":
@@ -416,6 +465,32 @@ class _Backward:
             return x, vjp, (request.value if request is not None else None)
         with torch.no_grad(), rec.buffers.shield(), rec.replay():
             return self.chain.direction.undo(block, label, y, rec), None, None
+
+    def settle(self) -> bool:
+        """Read the deferred errors back (one host sync) and record them; False if any check failed.
+
+        ``check="detect"`` raises for the failed block nearest the output, as the per-block checks would.
+        """
+        if not self.pending:
+            return True
+        values = torch.stack([e.to(torch.float64) for _, e, _ in self.pending]).tolist()
+        failed = []
+        for (i, _, _), value in zip(self.pending, values):
+            value = math.inf if math.isnan(value) else value
+            self.report.errors[i] = value
+            if not value <= self.tol:
+                failed.append(i)
+        if failed and self.chain.config.check == "detect":
+            i = max(failed)
+            raise ReconstructionError(
+                self.chain.labels[i], type(self.chain.blocks[i]).__name__, self.report.errors[i], self.tol
+            )
+        if failed:
+            return False
+        for i, _, adaptive in self.pending:
+            if adaptive:
+                self.chain.adaptive.observe(i, True)
+        return True
 
     def _measure(self, err: torch.Tensor, i: int) -> float:
         value = float(err)  # one host sync per checked block: the decision needs it

@@ -156,13 +156,14 @@ class BlockSlots:
 
     ``params``: every ``(module, name, parameter)`` slot holding a trainable parameter (a parameter
     shared by two modules has two slots); ``trainable``: those parameters, each once, in
-    ``block.parameters()`` order; ``buffers``: every ``(module, name)`` slot holding a buffer. One
+    ``block.parameters()`` order; ``buffers``: every ``(module, name)`` slot holding a buffer;
+    ``backward_hooks``: whether any of its modules has a backward (pre-)hook. One
     walk serves the engine's parameter list, the buffer snapshots and the parameter aliases: walking
     the module tree with ``modules()``/``parameters()`` three times per block and step was a visible
     part of the engine's per-block overhead on small blocks.
     """
 
-    __slots__ = ("buffers", "params", "trainable")
+    __slots__ = ("backward_hooks", "buffers", "params", "trainable")
 
     def __init__(self, block: nn.Module) -> None:
         params: list[tuple[nn.Module, str, torch.Tensor]] = []
@@ -170,6 +171,7 @@ class BlockSlots:
         trainable: list[torch.Tensor] = []
         seen_params: set[int] = set()
         seen: set[int] = set()
+        hooks = False
         stack = [block]
         while stack:  # pre-order, children in registration order, each module once: modules()' order
             module = stack.pop()
@@ -185,10 +187,12 @@ class BlockSlots:
             for name, b in module._buffers.items():
                 if b is not None:
                     buffers.append((module, name))
+            hooks = hooks or bool(module._backward_hooks or module._backward_pre_hooks)
             stack.extend(reversed([c for c in module._modules.values() if c is not None]))
         self.params = params
         self.buffers = buffers
         self.trainable = trainable
+        self.backward_hooks = hooks
 
 
 class BufferGuard:

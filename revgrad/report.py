@@ -25,6 +25,11 @@ class BackwardReport:
         check: the check mode in force; tol: the tolerance used.
         num_blocks: how many of the entries are blocks (a merged report of a container with
             non-block children has NaN entries for those children); ``None`` means all.
+        deferred: the backward began with its checks deferred: settled together at the end of the
+            pass with one host sync (on CUDA, while the step before was clean), instead of one sync
+            per checked block.
+        rerun: a deferred check failed, so the pass ran again with a check per block (and the
+            corrections); ``evaluations`` counts both passes.
     """
 
     errors: list[float]
@@ -35,6 +40,8 @@ class BackwardReport:
     check: str = "off"
     tol: float = math.nan
     num_blocks: int | None = None
+    deferred: bool = False
+    rerun: bool = False
 
     @property
     def max_error(self) -> float:
@@ -47,5 +54,6 @@ class BackwardReport:
             f"BackwardReport(check={self.check!r}, tol={self.tol:.3g}, "
             f"blocks={len(self.errors) if self.num_blocks is None else self.num_blocks}, "
             f"max_error={worst:.3g}, corrected={self.corrected}, evaluations={self.evaluations}, "
-            f"correction_evaluations={self.correction_evaluations}, anchors={self.anchors})"
+            f"correction_evaluations={self.correction_evaluations}, anchors={self.anchors}"
+            + (", deferred" if self.deferred else "") + (", rerun" if self.rerun else "") + ")"
         )

@@ -206,6 +206,8 @@ class ReversibleSequential(nn.Sequential):
             merged.anchors += [start + i for i in rep.anchors]
             merged.evaluations += rep.evaluations
             merged.correction_evaluations += rep.correction_evaluations
+            merged.deferred |= rep.deferred
+            merged.rerun |= rep.rerun
             merged.check, merged.tol = rep.check, rep.tol
             merged.num_blocks += len(rep.errors)
         return merged

@@ -226,6 +226,7 @@ def test_fused_blocks_differentiate_at_their_stored_input(monkeypatch):
         return original(self, i, *args)
 
     monkeypatch.setattr(revgrad.engine._Backward, "_recompute_vjp", spy)
+    monkeypatch.setattr(revgrad.engine, "DEFER_CHECKS", "never")  # one pass: each recompute once
     gx_ref, gp_ref = _reference_grads(net, x)
     model, gx, gp = _revgrad_grads(net, x)
     assert model.last_report.anchors == [0, 3, 6]
@@ -234,3 +235,87 @@ def test_fused_blocks_differentiate_at_their_stored_input(monkeypatch):
     assert_rel_close(gx, gx_ref, 1e-10, "input grad")
     for i, (a, e) in enumerate(zip(gp, gp_ref)):
         assert_rel_close(a, e, 1e-10, f"param {i} grad")
+
+
+# -- deferred checks: one host sync per backward ------------------------------------------------------
+
+
+@pytest.fixture
+def deferred(monkeypatch):
+    """Checks deferred as on CUDA, on any device; counts the per-block reads (``_measure``)."""
+    monkeypatch.setattr(revgrad.engine, "DEFER_CHECKS", "always")
+    reads: list[int] = []
+    original = revgrad.engine._Backward._measure
+
+    def spy(self, err, i):
+        reads.append(i)
+        return original(self, err, i)
+
+    monkeypatch.setattr(revgrad.engine._Backward, "_measure", spy)
+    return reads
+
+
+def test_deferred_checks_read_nothing_per_block_on_a_clean_chain(deferred):
+    net = healthy_chain(9, channels=4, affine_every=3).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    gx_ref, gp_ref = _reference_grads(net, x)
+    model, gx, gp = _revgrad_grads(net, x)
+    report = model.last_report
+    assert report.deferred and not report.rerun and not report.corrected
+    assert deferred == [], "a deferred pass read errors block by block"
+    measured = [e for i, e in enumerate(report.errors) if i not in report.anchors]
+    assert measured and all(0 <= e <= report.tol for e in measured)
+    assert_rel_close(gx, gx_ref, 1e-10, "input grad")
+    for i, (a, e) in enumerate(zip(gp, gp_ref)):
+        assert_rel_close(a, e, 1e-10, f"param {i} grad")
+
+
+def test_deferred_check_failure_reruns_with_corrections_then_checks_per_block(broken, deferred):
+    name, net, x = broken
+    gx_ref, gp_ref = _reference_grads(net, x)
+    model = revgrad.reversible(copy.deepcopy(net))
+    evaluations = []
+    for step in range(2):
+        xx = x.clone().requires_grad_()
+        scalar_loss(model(xx)).backward()
+        report = model.last_report
+        assert_rel_close(xx.grad, gx_ref, 1e-4, f"{name}, step {step}: input grad")
+        for i, (p, e) in enumerate(zip(model.parameters(), gp_ref)):
+            assert_rel_close(p.grad, e * (step + 1), 1e-4, f"{name}, step {step}: param {i} grad")
+        evaluations.append(report.evaluations)
+        if step == 0:
+            # The deferred pass failed, so the pass ran again, checking each block and correcting.
+            assert report.deferred and report.rerun and report.corrected
+            assert deferred, "the rerun did not check per block"
+        else:
+            # The step before failed a check: this one checks per block from the start (the
+            # corrected blocks now hold adaptive anchors, whose rebuilt inputs still fail).
+            assert not report.deferred and not report.rerun
+            assert report.max_error > report.tol
+    assert evaluations[0] > evaluations[1], "the rerun's evaluations are not counted"
+
+
+def test_deferred_detect_raises_for_the_block_nearest_the_output(monkeypatch):
+    net = _drifting_chain("inverse-off-by-1%")
+    x = torch.randn(3, 4, 5, 7)
+    errors = {}
+    for defer in ("never", "always"):
+        monkeypatch.setattr(revgrad.engine, "DEFER_CHECKS", defer)
+        model = revgrad.reversible(copy.deepcopy(net), check="detect")
+        with pytest.raises(revgrad.ReconstructionError) as info:
+            scalar_loss(model(x.clone().requires_grad_())).backward()
+        errors[defer] = info.value
+    assert errors["always"].block == errors["never"].block
+    assert str(errors["always"]) == str(errors["never"])
+
+
+def test_no_deferral_with_backward_hooks_inside_blocks(deferred):
+    net = healthy_chain(4, channels=4, affine_every=0)
+    model = revgrad.reversible(net)
+    calls = []
+    next(m for m in model.modules() if isinstance(m, nn.Conv2d)).register_full_backward_hook(
+        lambda *args: calls.append(1)
+    )
+    scalar_loss(model(torch.randn(2, 4, 5, 6, requires_grad=True))).backward()
+    assert not model.last_report.deferred
+    assert len(calls) == 1
