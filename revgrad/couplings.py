@@ -199,6 +199,7 @@ class AdditiveCoupling(_Coupling):
                 # taking it now frees g's graph before f's is built (one sub-network graph at a time).
                 early = _grad_of(g_out, [y1_, *params], _halves(grad_y)[1])
                 g_out = g_out.detach()
+                y1_ = None  # g's VJP is taken: the packed copy of y1 is dead
             if exact is not None:
                 # The engine stored this block's input: f is differentiated at the true x2, and the
                 # residual subtractions that would rebuild x are skipped.
@@ -225,6 +226,8 @@ class AdditiveCoupling(_Coupling):
                 with _replay(tape, 0):
                     f_out = self._f(x2, y1.shape)
                 x = torch.cat([y1 - f_out.detach(), x2.detach()], dim=1)
+            if early is not None:
+                g_out = None  # x is rebuilt and g's VJP taken: the closure must not keep g_out alive
         given = grad_y
 
         def vjp(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None):

@@ -382,6 +382,7 @@ class _Backward:
             meter = self._meter(i, block)
             with meter if meter is not None else contextlib.nullcontext():
                 x, vjp = self._input_of(i, block, rec, h, bparams, gy)
+                h = None  # y is rebuilt into x: below the saved output, nothing else holds it
                 if vjp is not None:
                     gx, gps = vjp(gy, gld)
                     vjp = None  # its sub-network outputs and leaves must not live into the next block

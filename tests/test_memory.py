@@ -67,3 +67,25 @@ def test_checked_memory_grows_sublinearly_and_stays_small(x):
             plain = held_activations(net, x)
     assert held[32] <= 3 * held[8], f"8 blocks: {held[8]:.2f}, 32 blocks: {held[32]:.2f} activations"
     assert held[32] <= 0.15 * plain, f"checked chain held {held[32]:.2f} vs plain {plain:.2f} activations"
+
+
+def test_check_off_step_peak(x):
+    """The step's peak (forward and backward) of a 16-block stage with ``check="off"``.
+
+    8.1 activations measured: the input's gradient, the output and its gradient, one block's
+    recompute graph (~4 activations) and the block's input, output and their gradients. Before the
+    engine dropped each block's output once its input was rebuilt (and the coupling its dead halves)
+    it was 9.7: the bound catches that regression.
+    """
+    model = revgrad.reversible(_stage(16), check="off")
+    model(x).sum().backward()  # lazily created state is not the step's memory
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    gc.collect()
+    with MemoryProbe(track_peak=True) as probe:
+        out = model(x)
+        out.sum().backward()
+        del out
+    x.grad = None
+    peak = probe.peak / ACTIVATION
+    assert 4 <= peak <= 9.0, f"check='off' step peak {peak:.2f} activations"
