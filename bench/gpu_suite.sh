@@ -13,6 +13,8 @@
 #                                                         -> bench/ (JSON, PNG if matplotlib, table)
 # 5. step time and peak memory of RevNet-38/110/164 and a Glow stage, same providers
 #                                                         -> models.txt, models.json
+# 6. deferred checks: the RevNet stage with check="correct", checks read per block vs deferred
+#                                                         -> deferred_checks.txt, deferred_checks.json
 # Each part has its own time limit; a failing part is recorded and the suite goes on.
 set -uo pipefail
 out="${1:?usage: bench/gpu_suite.sh OUT_DIR}"
@@ -41,6 +43,7 @@ part tests 80 python3 -m pytest tests/test_kernels.py tests/test_cuda.py -q -p n
 part kernels 70 python3 bench/kernel_bandwidth.py --out "$out"
 part glow_step 40 python3 bench/glow_step.py --out "$out"
 part revnet_bench 40 python3 -m revgrad bench --quick --device cuda --out "$out/bench"
-part models 45 python3 bench/report.py models --device cuda --batch 64 --rounds 3 --json "$out/models.json"
+part models 40 python3 bench/report.py models --device cuda --batch 64 --rounds 3 --json "$out/models.json"
+part deferred_checks 20 python3 bench/deferred_checks.py --device cuda --rounds 8 --out "$out"
 cat "$out/summary.txt"
 exit $status
