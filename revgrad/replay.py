@@ -268,12 +268,21 @@ class ParamAliases:
             yield list(params)
             return
         alias = {id(p): p.detach().requires_grad_() for p in params}
+        # The slots were found in forward and the recompute must see forward's parameters, as plain
+        # autograd's saved graph would; what a slot holds now (the user may have replaced a
+        # parameter since) is put back afterwards.
+        missing = object()
+        swapped = []
         for module, name, p in self._slots:
             a = alias.get(id(p))
             if a is not None:
+                swapped.append((module, name, module._parameters.get(name, missing)))
                 module._parameters[name] = a
         try:
             yield [alias[id(p)] for p in params]
         finally:
-            for module, name, p in self._slots:
-                module._parameters[name] = p
+            for module, name, held in reversed(swapped):
+                if held is missing:
+                    del module._parameters[name]
+                else:
+                    module._parameters[name] = held

@@ -511,3 +511,22 @@ def test_user_fused_block_that_never_marks_the_tape(mode):
     ref_blocks = copy.deepcopy(blocks)
     model = revgrad.reversible(blocks, **MODES[mode], anchor_every=2)
     _assert_matches_plain(model, ref_blocks)
+
+
+def test_parameter_replaced_between_forward_and_backward_stays_replaced():
+    """Backward recomputes with forward's parameters (as plain autograd's saved graph would) and
+    leaves the module holding the parameter the user put there after forward."""
+    torch.manual_seed(0)
+    blocks = [revgrad.AdditiveCoupling(nn.Linear(2, 2), nn.Linear(2, 2)) for _ in range(3)]
+    ref = copy.deepcopy(nn.Sequential(*blocks))
+    model = revgrad.reversible(nn.Sequential(*blocks))
+    x = torch.randn(5, 4, dtype=torch.float32)
+    old = model[1].f.weight
+    out = model(x)
+    new = nn.Parameter(torch.zeros_like(old))
+    model[1].f.weight = new
+    out.square().sum().backward()
+    ref(x).square().sum().backward()
+    assert model[1].f.weight is new and new.grad is None
+    torch.testing.assert_close(old.grad, ref[1].f.weight.grad)
+    torch.testing.assert_close(model[0].g.weight.grad, ref[0].g.weight.grad)
