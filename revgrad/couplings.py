@@ -45,6 +45,7 @@ from torch import nn
 from . import dispatch, fused
 from .fingerprint import take_request
 from .fused import _halves, affine_backward_reference, affine_forward_reference, affine_inverse_reference
+from .halves import Halves
 from .protocol import VJP, BlockError
 from .replay import RngTape, claim_tape
 
@@ -246,6 +247,63 @@ class AdditiveCoupling(_Coupling):
             return gx, tuple(_add(a, b) for a, b in zip(dg, df))
 
         return x, vjp
+
+
+    # -- the two-part path: the engine hands over the halves themselves (revgrad.halves) --------------
+
+    def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` on packed halves (engine forward, no grad): ``(y1, y2)``, the same numbers."""
+        with claim_tape() as tape:
+            _mark(tape)
+            y1 = x1 + self._f(x2, x1.shape)
+            _mark(tape)
+            y2 = x2 + self._g(y1, x2.shape)
+        return y1, y2
+
+    def inverse_halves_for_backward(
+        self,
+        y: Halves,
+        tape: RngTape | None,
+        params: list[nn.Parameter],
+        grad_y: Halves | None = None,
+        exact: Halves | None = None,
+    ) -> tuple[Halves, VJP]:
+        """``inverse_for_backward`` on packed halves: returns ``x`` as halves, and a VJP that takes and
+        returns halves (``vjp(Halves gy, None) -> (Halves gx, parameter grads)``)."""
+        y1, y2 = y.a.detach(), y.b.detach()
+        early: list[torch.Tensor | None] | None = None
+        with torch.enable_grad():
+            y1_ = y1.detach().requires_grad_()  # packed already: no copy, unlike the one-tensor path
+            with _replay(tape, 1):
+                g_out = self._g(y1_, y2.shape)
+            if grad_y is not None:
+                early = _grad_of(g_out, [y1_, *params], grad_y.b)  # see inverse_for_backward
+                g_out, y1_ = g_out.detach(), None
+            if exact is not None:
+                x1, x2 = exact.a.detach(), exact.b.detach().requires_grad_()
+            else:
+                x1, x2 = None, (y2 - g_out.detach()).requires_grad_()
+            with _replay(tape, 0):
+                f_out = self._f(x2, y1.shape)
+            if x1 is None:
+                x1 = y1 - f_out.detach()
+            if early is not None:
+                g_out = None
+        given = grad_y
+
+        def vjp(grad_y: Halves, grad_logdet: torch.Tensor | None):
+            if early is not None:
+                if grad_y is not given:
+                    raise RuntimeError("revgrad: AdditiveCoupling's VJP got another gradient than its inverse")
+                dy1, *dg = early
+            else:
+                dy1, *dg = _grad_of(g_out, [y1_, *params], grad_y.b)
+            gy1 = grad_y.a if dy1 is None else grad_y.a + dy1
+            dx2, *df = _grad_of(f_out, [x2, *params], gy1)
+            gx2 = grad_y.b if dx2 is None else grad_y.b + dx2
+            return Halves(gy1, gx2), tuple(_add(a, b) for a, b in zip(dg, df))
+
+        return Halves(x1, x2.detach()), vjp
 
 
 class AffineCoupling(_Coupling):

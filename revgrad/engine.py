@@ -34,9 +34,11 @@ from typing import Literal
 import torch
 from torch import nn
 
+from . import dispatch, halves
 from .anchors import AdaptiveAnchors, regular_anchors
-from .fingerprint import FingerprintRequest, default_tol, fingerprint, relative_error, requesting
+from .fingerprint import FingerprintRequest, default_tol, fingerprint, fingerprint_parts, relative_error, requesting
 from .graph_budget import GraphBudget, SavedBytes
+from .halves import Halves
 from .protocol import (
     VJP,
     BlockError,
@@ -190,6 +192,7 @@ class _Record:
     fingerprint: torch.Tensor | None
     has_logdet: bool
     fused: bool
+    two_part: bool = False  # forward handed this block its input as halves (revgrad.halves)
 
     def replay(self) -> contextlib.AbstractContextManager[None]:
         return self.tape.replay(0) if self.tape is not None else contextlib.nullcontext()
@@ -237,6 +240,38 @@ def _compute_dtype(x: torch.Tensor, autocast: AutocastState) -> torch.dtype:
     return x.dtype
 
 
+_BACKWARD_HOOKS = ("_global_backward_hooks", "_global_backward_pre_hooks")
+_ALL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", *_BACKWARD_HOOKS)
+
+
+def _global_module_hooks(kinds: tuple[str, ...] = _ALL_HOOKS) -> bool:
+    """Whether hooks registered for every module (``register_module_*_hook``) of these kinds exist."""
+    from torch.nn.modules import module as _module
+
+    return any(getattr(_module, name, None) for name in kinds)
+
+
+def _two_part(direction, block: nn.Module, h: torch.Tensor | Halves) -> bool:
+    """Whether forward hands ``block`` its input as halves: a fused two-part block (``forward_halves``),
+    called without module hooks (the halves path bypasses ``__call__``), where no kernel writes whole
+    tensors in one pass (on GPUs the coupling kernels are faster on whole tensors)."""
+    if direction is not _Forward or not callable(getattr(block, "forward_halves", None)):
+        return False
+    if not isinstance(h, Halves) and (h.dim() < 2 or h.shape[1] < 2):
+        return False  # the block's own checks report the bad input
+    first = h.a if isinstance(h, Halves) else h
+    return direction.fused(block) and not dispatch.use_kernels(first) and not _global_module_hooks()
+
+
+def _nbytes(h: torch.Tensor | Halves) -> int:
+    parts = h if isinstance(h, Halves) else (h,)
+    return sum(t.numel() * t.element_size() for t in parts)
+
+
+def _fingerprint(x: torch.Tensor | Halves) -> torch.Tensor:
+    return fingerprint_parts(x.a, x.b) if isinstance(x, Halves) else fingerprint(x)
+
+
 class _RevBackprop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, chain: _Chain, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
@@ -254,30 +289,38 @@ class _RevBackprop(torch.autograd.Function):
         anchor_at: list[int] = []
         anchor_tensors: list[torch.Tensor] = []
         logdet: torch.Tensor | None = None
-        h = x
+        h: torch.Tensor | Halves = x
         for i, block in enumerate(chain.blocks):
-            if i in stored:
+            if i in stored:  # before any split: the chain's input is anchored as itself, not a copy
                 anchor_at.append(i)
-                anchor_tensors.append(h)
-            # A fused block fingerprints its input inside its own kernel pass; others get it here.
-            request = FingerprintRequest(h) if checking and i not in stored else None
+                anchor_tensors.append(halves.full(h))
+            two_part = _two_part(direction, block, h)
+            h = halves.split(h) if two_part else halves.full(h)
             tape = RngTape(h.device) if cfg.preserve_rng_state else None
             buffers = BufferGuard.before(chain.slots[i])
             fused = direction.fused(block)
-            with requesting(request):
-                y, ld = direction.record(block, chain.labels[i], h, tape, fused)
-            fp = None if request is None else (request.value if request.value is not None else fingerprint(h))
+            if two_part:
+                with recording(tape):
+                    y, ld = Halves(*block.forward_halves(h.a, h.b)), None
+                fp = fingerprint_parts(h.a, h.b) if checking and i not in stored else None
+            else:
+                # A fused block fingerprints its input inside its own kernel pass; others get it here.
+                request = FingerprintRequest(h) if checking and i not in stored else None
+                with requesting(request):
+                    y, ld = direction.record(block, chain.labels[i], h, tape, fused)
+                fp = None if request is None else (request.value if request.value is not None else fingerprint(h))
             if tape is not None:
                 tape.close()
                 if not tape.consumed:
                     tape = None
             records.append(
-                _Record(h.shape, h.dtype, h.numel() * h.element_size(), tape,
-                        BufferGuard.after(buffers), fp, ld is not None, fused)
+                _Record(h.shape, h.dtype, _nbytes(h), tape, BufferGuard.after(buffers), fp, ld is not None,
+                        fused, two_part)
             )
             if ld is not None:
                 logdet = ld if logdet is None else logdet + ld
             h = y
+        h = halves.full(h)
 
         ctx.chain = chain
         ctx.records = records
@@ -321,12 +364,6 @@ class _RevBackprop(torch.autograd.Function):
 # Deferred checks: "auto" defers on CUDA (where reading each error back would stall the host until
 # the device catches up, once per block) while the chain's previous backward was clean; "always"
 # and "never" (environment variable REVGRAD_DEFER_CHECKS) are for tests and measurements.
-def _global_backward_hooks() -> bool:
-    from torch.nn.modules import module as _module
-
-    return any(getattr(_module, name, None) for name in ("_global_backward_hooks", "_global_backward_pre_hooks"))
-
-
 DEFER_CHECKS = os.environ.get("REVGRAD_DEFER_CHECKS", "auto").strip().lower() or "auto"
 if DEFER_CHECKS not in ("auto", "always", "never"):
     raise ValueError(f"revgrad: REVGRAD_DEFER_CHECKS must be auto, always or never, got {DEFER_CHECKS!r}")
@@ -339,7 +376,7 @@ def _defer_checks(chain: _Chain, y: torch.Tensor) -> bool:
         return False
     # Module backward hooks inside the blocks must fire once per step, as in plain autograd; a
     # second pass after a failed deferred check would fire them again.
-    if any(s.backward_hooks for s in chain.slots) or _global_backward_hooks():
+    if any(s.backward_hooks for s in chain.slots) or _global_module_hooks(_BACKWARD_HOOKS):
         return False
     # After a backward where a check failed (a correction, or a dirty adaptive anchor), the next one
     # is likely to fail too: check per block rather than pay for a second pass.
@@ -370,13 +407,16 @@ class _Backward:
     def run(self, y: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None, need_x: bool):
         chain = self.chain
         param_grads: list[torch.Tensor | None] = [None] * len(chain.params)
-        h, gy = y, grad_y
+        h: torch.Tensor | Halves = y
+        gy: torch.Tensor | Halves | None = grad_y
         for i in reversed(range(len(chain.blocks))):
             block, rec = chain.blocks[i], self.records[i]
+            form = halves.split if rec.two_part else halves.full  # how this block takes y and dL/dy
+            h, gy = form(h), (None if gy is None else form(gy))
             gld = grad_logdet if rec.has_logdet else None
             if gy is None and gld is None:
                 # No gradient flows through this block; its input is still needed below.
-                h = self._input_of(i, block, rec, h, None, None)[0]
+                h = self._input_of(i, block, rec, halves.full(h), None, None)[0]
                 continue
             bparams = [chain.params[j] for j in chain.block_params[i]]
             meter = self._meter(i, block)
@@ -387,14 +427,16 @@ class _Backward:
                     gx, gps = vjp(gy, gld)
                     vjp = None  # its sub-network outputs and leaves must not live into the next block
                 else:
-                    gx, gps = self._recompute_vjp(i, block, rec, x, gy, gld, bparams, i > 0 or need_x)
+                    gx, gps = self._recompute_vjp(
+                        i, block, rec, halves.full(x), halves.full(gy), gld, bparams, i > 0 or need_x
+                    )
             if meter is not None:
                 chain.graphs.record(chain.labels[i], chain.shape, meter.total, rec.nbytes)
             for j, g in zip(chain.block_params[i], gps):
                 if g is not None:
                     param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
             h, gy = x, gx
-        return (gy if need_x else None), param_grads
+        return (halves.full(gy) if need_x and gy is not None else None), param_grads
 
     def _meter(self, i: int, block: nn.Module) -> SavedBytes | None:
         chain = self.chain
@@ -418,7 +460,7 @@ class _Backward:
         x, vjp, fp = self._rebuild(i, block, rec, y, bparams, gy)
         if exact is not None:
             # An adaptive anchor: measure against the truth itself, keep the anchor's value on failure.
-            error = relative_error(fingerprint(x) if fp is None else fp, fingerprint(exact))
+            error = relative_error(_fingerprint(x) if fp is None else fp, fingerprint(exact))
             if self.deferred:
                 self.pending.append((i, error, True))
                 return x, vjp
@@ -428,7 +470,7 @@ class _Backward:
             return (x, vjp) if clean else (exact, None)
         if rec.fingerprint is None:
             return x, vjp
-        error = relative_error(fingerprint(x) if fp is None else fp, rec.fingerprint)
+        error = relative_error(_fingerprint(x) if fp is None else fp, rec.fingerprint)
         if self.deferred:
             self.pending.append((i, error, False))  # go on as if clean; settle() decides
             return x, vjp
@@ -455,17 +497,21 @@ class _Backward:
             if gy is not None and _accepts(type(block), "grad_y"):
                 extra["grad_y"] = gy
             with rec.buffers.shield(), ParamAliases(self.chain.slots[i]).swap(bparams) as aliases, requesting(request):
-                x, vjp = block.inverse_for_backward(y, rec.tape, aliases, **extra)
+                if rec.two_part:
+                    parts = None if exact is None else halves.split(exact)
+                    x, vjp = block.inverse_halves_for_backward(halves.split(y), rec.tape, aliases, gy, parts)
+                else:
+                    x, vjp = block.inverse_for_backward(y, rec.tape, aliases, **extra)
             if x.shape != rec.shape:
                 raise BlockError(
                     f"revgrad: {block_name(label, block)} rebuilt an input of shape {tuple(x.shape)}; its "
                     f"forward input had shape {tuple(rec.shape)}"
                 )
             if x.dtype != rec.dtype:
-                return x.to(rec.dtype), vjp, None
+                return halves.full(x).to(rec.dtype), vjp, None
             return x, vjp, (request.value if request is not None else None)
         with torch.no_grad(), rec.buffers.shield(), rec.replay():
-            return self.chain.direction.undo(block, label, y, rec), None, None
+            return self.chain.direction.undo(block, label, halves.full(y), rec), None, None
 
     def settle(self) -> bool:
         """Read the deferred errors back (one host sync) and record them; False if any check failed.

@@ -38,6 +38,7 @@ __all__ = [
     "FingerprintRequest",
     "default_tol",
     "fingerprint",
+    "fingerprint_parts",
     "relative_error",
     "requesting",
     "sign_tables",
@@ -102,8 +103,29 @@ def fingerprint(x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.
     return fingerprint_reference(x, directions)
 
 
-def fingerprint_reference(x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.Tensor:
-    """The PyTorch twin of the fingerprint kernel (same result up to float32 rounding of chunk sums)."""
+def fingerprint_parts(*parts: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.Tensor:
+    """Fingerprint of ``torch.cat(parts, dim=1)`` (each ``[B, ...]``), without concatenating when every
+    part but the last holds a whole number of 128-element chunks per sample (else it concatenates)."""
+    sizes = [p[0].numel() for p in parts]
+    if any(n % CHUNK for n in sizes[:-1]) or dispatch.use_kernels(*parts):
+        return fingerprint(torch.cat([p.detach().reshape(p.shape[0], -1) for p in parts], dim=1), directions)
+    total, first, out = sum(sizes), 0, None
+    for p, n in zip(parts, sizes):
+        partial = fingerprint_reference(p, directions, first_chunk=first // CHUNK, dim_total=total)
+        out = partial if out is None else out + partial
+        first += n
+    assert out is not None
+    return out
+
+
+def fingerprint_reference(
+    x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS, first_chunk: int = 0, dim_total: int | None = None
+) -> torch.Tensor:
+    """The PyTorch twin of the fingerprint kernel (same result up to float32 rounding of chunk sums).
+
+    ``first_chunk``/``dim_total``: ``x`` is the part of a longer per-sample vector (``dim_total``
+    elements) that starts at chunk ``first_chunk``; the result is that part's share of its fingerprint.
+    """
     acc = _accumulation_dtype(x.dtype)
     flat = x.detach().reshape(x.shape[0], -1)
     if flat.dtype != acc:
@@ -111,7 +133,8 @@ def fingerprint_reference(x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS)
     batch, dim = flat.shape
     # Flips in the accumulation dtype: a product with +-1 is exact, and sum(dtype=float64) widens
     # on the fly, so no float64 copy of the partial sums is made.
-    within, flips = _chunk_signs(dim, directions, flat.device, acc)
+    within, flips = _chunk_signs(dim if dim_total is None else dim_total, directions, flat.device, acc)
+    flips = flips[first_chunk:]
     chunks, rest = divmod(dim, CHUNK)
     out: torch.Tensor | None = None
     if chunks:
