@@ -96,6 +96,18 @@ def _add(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
     return a if b is None else a + b
 
 
+def _additive_vjp(early, g_out, y1_, f_out, x2, params, gy1: torch.Tensor, gy2: torch.Tensor):
+    """The additive coupling's VJP from its sub-network graphs: ``(dL/dx1, f's share of dL/dx2 (None if
+    f ignores x2), parameter grads)``; ``dL/dx2 = dL/dy2 + f's share``. ``early``: g's VJP if already
+    taken, else it is taken here from ``g_out`` at ``y1_``."""
+    dy1, *dg = early if early is not None else _grad_of(g_out, [y1_, *params], gy2)
+    gy1 = gy1 if dy1 is None else gy1 + dy1
+    dx2, *df = _grad_of(f_out, [x2, *params], gy1)
+    # Differentiating both graphs w.r.t. all of the block's parameters (unused ones get None) sums a
+    # parameter that f and g share, without walking the modules to split them.
+    return gy1, dx2, tuple(_add(a, b) for a, b in zip(dg, df))
+
+
 def _fusable(x: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether an additive coupling writes its residual sums with the kernel (no grad needed, one
     dtype, kernels dispatched for these tensors)."""
@@ -232,22 +244,14 @@ class AdditiveCoupling(_Coupling):
         given = grad_y
 
         def vjp(grad_y: torch.Tensor, grad_logdet: torch.Tensor | None):
+            if early is not None and grad_y is not given:
+                raise RuntimeError("revgrad: AdditiveCoupling's VJP got another gradient than its inverse")
             gy1, gy2 = _halves(grad_y)
-            if early is not None:
-                if grad_y is not given:
-                    raise RuntimeError("revgrad: AdditiveCoupling's VJP got another gradient than its inverse")
-                dy1, *dg = early
-            else:
-                dy1, *dg = _grad_of(g_out, [y1_, *params], gy2)
-            gy1 = gy1 if dy1 is None else gy1 + dy1
-            dx2, *df = _grad_of(f_out, [x2, *params], gy1)
+            gy1, dx2, grads = _additive_vjp(early, g_out, y1_, f_out, x2, params, gy1, gy2)
             gx = torch.cat([gy1, gy2], dim=1) if dx2 is None else _cat_sum(gy1, gy2, dx2)
-            # Differentiating both graphs w.r.t. all of the block's parameters (unused ones get None)
-            # sums a parameter that f and g share, without walking the modules to split them.
-            return gx, tuple(_add(a, b) for a, b in zip(dg, df))
+            return gx, grads
 
         return x, vjp
-
 
     # -- the two-part path: the engine hands over the halves themselves (revgrad.halves) --------------
 
@@ -292,16 +296,10 @@ class AdditiveCoupling(_Coupling):
         given = grad_y
 
         def vjp(grad_y: Halves, grad_logdet: torch.Tensor | None):
-            if early is not None:
-                if grad_y is not given:
-                    raise RuntimeError("revgrad: AdditiveCoupling's VJP got another gradient than its inverse")
-                dy1, *dg = early
-            else:
-                dy1, *dg = _grad_of(g_out, [y1_, *params], grad_y.b)
-            gy1 = grad_y.a if dy1 is None else grad_y.a + dy1
-            dx2, *df = _grad_of(f_out, [x2, *params], gy1)
-            gx2 = grad_y.b if dx2 is None else grad_y.b + dx2
-            return Halves(gy1, gx2), tuple(_add(a, b) for a, b in zip(dg, df))
+            if early is not None and grad_y is not given:
+                raise RuntimeError("revgrad: AdditiveCoupling's VJP got another gradient than its inverse")
+            gy1, dx2, grads = _additive_vjp(early, g_out, y1_, f_out, x2, params, grad_y.a, grad_y.b)
+            return Halves(gy1, grad_y.b if dx2 is None else grad_y.b + dx2), grads
 
         return Halves(x1, x2.detach()), vjp
 
