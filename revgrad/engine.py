@@ -493,14 +493,14 @@ class _Backward:
         if rec.fused and bparams is not None:
             wanted = exact is None and (rec.fingerprint is not None or i in self.adaptive_at)
             request = FingerprintRequest(None) if wanted else None
-            extra = {} if exact is None else {"exact": exact}
-            if gy is not None and _accepts(type(block), "grad_y"):
-                extra["grad_y"] = gy
             with rec.buffers.shield(), ParamAliases(self.chain.slots[i]).swap(bparams) as aliases, requesting(request):
-                if rec.two_part:
+                if rec.two_part:  # y and gy come as halves (run() converts them per record)
                     parts = None if exact is None else halves.split(exact)
-                    x, vjp = block.inverse_halves_for_backward(halves.split(y), rec.tape, aliases, gy, parts)
+                    x, vjp = block.inverse_halves_for_backward(y, rec.tape, aliases, gy, parts)
                 else:
+                    extra = {} if exact is None else {"exact": exact}
+                    if gy is not None and _accepts(type(block), "grad_y"):
+                        extra["grad_y"] = gy
                     x, vjp = block.inverse_for_backward(y, rec.tape, aliases, **extra)
             if x.shape != rec.shape:
                 raise BlockError(
