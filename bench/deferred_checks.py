@@ -13,8 +13,10 @@ compute the same gradients (checked first, float32, against each other). On CUDA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -24,8 +26,18 @@ from revgrad.benchmark import TrainStep, revnet_stage
 from revgrad.measure import machine_info, pin_malloc, time_interleaved
 
 
+@contextlib.contextmanager
+def deferring(mode: str) -> Iterator[None]:
+    """Run with ``engine.DEFER_CHECKS`` set to ``mode`` (restored after)."""
+    old, engine.DEFER_CHECKS = engine.DEFER_CHECKS, mode
+    try:
+        yield
+    finally:
+        engine.DEFER_CHECKS = old
+
+
 class Deferral:
-    """A training step run with ``engine.DEFER_CHECKS`` set to ``mode`` (restored after)."""
+    """A training step run with the checks deferred (``"always"``) or read per block (``"never"``)."""
 
     def __init__(self, step: TrainStep, mode: str) -> None:
         self.step = step
@@ -35,11 +47,8 @@ class Deferral:
         self.step.prepare()
 
     def run(self) -> None:
-        old, engine.DEFER_CHECKS = engine.DEFER_CHECKS, self.mode
-        try:
+        with deferring(self.mode):
             self.step.run()
-        finally:
-            engine.DEFER_CHECKS = old
 
 
 def same_gradients(workload, device: torch.device) -> float:
@@ -47,13 +56,10 @@ def same_gradients(workload, device: torch.device) -> float:
     grads = []
     for mode in ("never", "always"):
         stage = workload.build("revgrad-correct", device=device)
-        step = Deferral(TrainStep(stage, workload.input(device=device)), mode)
+        step = TrainStep(stage, workload.input(device=device))
         step.prepare()
-        old, engine.DEFER_CHECKS = engine.DEFER_CHECKS, mode
-        try:
-            step.step.backward(step.step.forward(), zero_grad=False)
-        finally:
-            engine.DEFER_CHECKS = old
+        with deferring(mode):
+            step.backward(step.forward(), zero_grad=False)
         report = stage.module.last_report
         if report.deferred != (mode == "always") or report.rerun:
             raise RuntimeError(f"deferral {mode!r} did not run as asked: {report}")

@@ -251,7 +251,7 @@ def _global_module_hooks(kinds: tuple[str, ...] = _ALL_HOOKS) -> bool:
     return any(getattr(_module, name, None) for name in kinds)
 
 
-def _two_part(direction, block: nn.Module, h: torch.Tensor | Halves) -> bool:
+def _two_part(direction, block: nn.Module, fused: bool, h: torch.Tensor | Halves) -> bool:
     """Whether forward hands ``block`` its input as halves: a fused two-part block (``forward_halves``),
     called without module hooks (the halves path bypasses ``__call__``), where no kernel writes whole
     tensors in one pass (on GPUs the coupling kernels are faster on whole tensors)."""
@@ -260,7 +260,7 @@ def _two_part(direction, block: nn.Module, h: torch.Tensor | Halves) -> bool:
     if not isinstance(h, Halves) and (h.dim() < 2 or h.shape[1] < 2):
         return False  # the block's own checks report the bad input
     first = h.a if isinstance(h, Halves) else h
-    return direction.fused(block) and not dispatch.use_kernels(first) and not _global_module_hooks()
+    return fused and not dispatch.use_kernels(first) and not _global_module_hooks()
 
 
 def _nbytes(h: torch.Tensor | Halves) -> int:
@@ -294,11 +294,11 @@ class _RevBackprop(torch.autograd.Function):
             if i in stored:  # before any split: the chain's input is anchored as itself, not a copy
                 anchor_at.append(i)
                 anchor_tensors.append(halves.full(h))
-            two_part = _two_part(direction, block, h)
+            fused = direction.fused(block)
+            two_part = _two_part(direction, block, fused, h)
             h = halves.split(h) if two_part else halves.full(h)
             tape = RngTape(h.device) if cfg.preserve_rng_state else None
             buffers = BufferGuard.before(chain.slots[i])
-            fused = direction.fused(block)
             if two_part:
                 with recording(tape):
                     y, ld = Halves(*block.forward_halves(h.a, h.b)), None
