@@ -18,7 +18,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .fingerprint import CHUNK, block_for, check_tables, fingerprint_chunks
+from .fingerprint import (
+    CHUNK,
+    NO_TABLE_ROWS,
+    block_for,
+    check_tables,
+    fingerprint_chunks,
+    launch_grid,
+)
 
 FP_NONE, FP_OF_A, FP_OF_OUT = 0, 1, 2
 
@@ -26,11 +33,11 @@ FP_NONE, FP_OF_A, FP_OF_OUT = 0, 1, 2
 @triton.jit
 def _residual_kernel(
     a_ptr, r_ptr, out_ptr, part_ptr, within_ptr, flips_ptr,
-    D, OFF, LEN, blk0, n_flip_rows,
+    D, OFF, LEN, blk0, programs, n_flip_rows,
     SUBTRACT: tl.constexpr, FP: tl.constexpr, NCH: tl.constexpr, CHUNK_: tl.constexpr, M: tl.constexpr,
 ):
-    p = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    b, p = (pid // programs).to(tl.int64), (pid % programs).to(tl.int64)
     blk = blk0 + p
     i = blk * NCH * CHUNK_ + tl.arange(0, NCH)[:, None] * CHUNK_ + tl.arange(0, CHUNK_)[None, :]
     inside = (i >= OFF) & (i < OFF + LEN)
@@ -43,11 +50,11 @@ def _residual_kernel(
     tl.store(out_ptr + b * D + i, out, mask=inside)
     if FP == 1:
         fp = fingerprint_chunks(a, blk * NCH, within_ptr, flips_ptr, n_flip_rows, NCH, CHUNK_, M)
-        tl.store(part_ptr + (b * tl.num_programs(0) + p) * M + tl.arange(0, M), fp)
+        tl.store(part_ptr + pid.to(tl.int64) * M + tl.arange(0, M), fp)
     elif FP == 2:
         v = tl.where(inside, out.to(tl.float32), 0.0)
         fp = fingerprint_chunks(v, blk * NCH, within_ptr, flips_ptr, n_flip_rows, NCH, CHUNK_, M)
-        tl.store(part_ptr + (b * tl.num_programs(0) + p) * M + tl.arange(0, M), fp)
+        tl.store(part_ptr + pid.to(tl.int64) * M + tl.arange(0, M), fp)
 
 
 def residual(
@@ -84,8 +91,9 @@ def residual(
     programs = triton.cdiv(offset + length, block) - first
     part = torch.empty((batch, programs, m), dtype=torch.float64, device=a.device) if fingerprint_of else out
     within, flips = tables if fingerprint_of != FP_NONE else (out, out)
-    _residual_kernel[(programs, batch)](
-        a, r, out, part, within, flips, dim, offset, length, first, flips.shape[0],
+    rows = flips.shape[0] if fingerprint_of != FP_NONE else NO_TABLE_ROWS
+    _residual_kernel[launch_grid(batch, programs)](
+        a, r, out, part, within, flips, dim, offset, length, first, programs, rows,
         SUBTRACT=subtract, FP=fingerprint_of, NCH=block // CHUNK, CHUNK_=CHUNK, M=m, num_warps=4,
     )
     return part.sum(1) if fingerprint_of else None

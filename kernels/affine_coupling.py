@@ -12,10 +12,11 @@ elements of a sample) and ``raw`` (last ``D2``). With ``s = scale(raw)``::
 Scales (``KIND``): 0 ``sigmoid(raw + 2)`` (Glow), 1 ``exp(raw)`` (RealNVP),
 2 ``exp(log_bound * tanh(raw))`` (bounded). All math in float32 whatever the storage dtype.
 
-Each program owns ``BLOCK`` elements of one sample (grid ``[programs, B]``): the copy of the
-pass-through half, the elementwise math, the per-program partial of the log-determinant and of
-the fingerprint (see :mod:`.fingerprint`), summed by the launcher in float64. The reference twins are
-``revgrad.fused.affine_*`` (and ``revgrad.couplings.affine_*_reference`` for the elementwise part).
+Each program owns ``BLOCK`` elements of one sample (``B * programs`` programs on one grid axis, see
+:func:`.fingerprint.launch_grid`): the copy of the pass-through half, the elementwise math, the
+per-program partial of the log-determinant and of the fingerprint (see :mod:`.fingerprint`), summed
+by the launcher in float64. The reference twins are ``revgrad.fused.affine_coupling*_reference``
+(``revgrad.fused.affine_*_reference`` for the elementwise part).
 """
 
 from __future__ import annotations
@@ -26,7 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .fingerprint import CHUNK, block_for, check_tables, fingerprint_chunks
+from .fingerprint import (
+    CHUNK,
+    NO_TABLE_ROWS,
+    block_for,
+    check_tables,
+    fingerprint_chunks,
+    launch_grid,
+)
 
 KINDS = {"sigmoid": 0, "exp": 1, "bounded": 2}
 
@@ -97,16 +105,16 @@ def _operands(t_ptr, h_ptr, b, blk, D, SPLIT, NCH: tl.constexpr, CHUNK_: tl.cons
 @triton.jit
 def _affine_fwd_kernel(
     x_ptr, h_ptr, y_ptr, part_ptr, within_ptr, flips_ptr,
-    D, SPLIT, n_flip_rows, log_bound,
+    D, SPLIT, programs, n_flip_rows, log_bound,
     KIND: tl.constexpr, WANT_FP: tl.constexpr, NCH: tl.constexpr, CHUNK_: tl.constexpr, M: tl.constexpr,
 ):
-    blk = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    b, blk = (pid // programs).to(tl.int64), (pid % programs).to(tl.int64)
     i, inside, second, x, shift, raw = _operands(x_ptr, h_ptr, b, blk, D, SPLIT, NCH, CHUNK_)
     log_s = _log_scale(raw, KIND, log_bound)
     y = tl.where(second, (x + shift) * _scale(raw, log_s, KIND), x)
     tl.store(y_ptr + b * D + i, y.to(y_ptr.dtype.element_ty), mask=inside)
-    pbase = part_ptr + (b * tl.num_programs(0) + blk) * (M + 1)
+    pbase = part_ptr + pid.to(tl.int64) * (M + 1)
     tl.store(pbase + M, tl.sum(tl.sum(tl.where(second, log_s, 0.0), axis=1), axis=0).to(tl.float64))
     if WANT_FP:
         tl.store(pbase + tl.arange(0, M), fingerprint_chunks(x, blk * NCH, within_ptr, flips_ptr, n_flip_rows,
@@ -116,11 +124,11 @@ def _affine_fwd_kernel(
 @triton.jit
 def _affine_inv_kernel(
     y_ptr, h_ptr, x_ptr, part_ptr, within_ptr, flips_ptr,
-    D, SPLIT, n_flip_rows, log_bound,
+    D, SPLIT, programs, n_flip_rows, log_bound,
     KIND: tl.constexpr, WANT_FP: tl.constexpr, NCH: tl.constexpr, CHUNK_: tl.constexpr, M: tl.constexpr,
 ):
-    blk = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    b, blk = (pid // programs).to(tl.int64), (pid % programs).to(tl.int64)
     i, inside, second, y, shift, raw = _operands(y_ptr, h_ptr, b, blk, D, SPLIT, NCH, CHUNK_)
     log_s = _log_scale(raw, KIND, log_bound)
     x = tl.where(second, y * _inv_scale(raw, log_s, KIND) - shift, y).to(x_ptr.dtype.element_ty)
@@ -129,17 +137,17 @@ def _affine_inv_kernel(
         # Fingerprint what is stored: the check compares it with the fingerprint of the true input.
         fp = fingerprint_chunks(tl.where(inside, x.to(tl.float32), 0.0), blk * NCH, within_ptr, flips_ptr,
                                 n_flip_rows, NCH, CHUNK_, M)
-        tl.store(part_ptr + (b * tl.num_programs(0) + blk) * M + tl.arange(0, M), fp)
+        tl.store(part_ptr + pid.to(tl.int64) * M + tl.arange(0, M), fp)
 
 
 @triton.jit
 def _affine_bwd_kernel(
     y_ptr, h_ptr, gy_ptr, gld_ptr, gx_ptr, dh_ptr,
-    D, SPLIT, log_bound,
+    D, SPLIT, programs, log_bound,
     KIND: tl.constexpr, HAS_GLD: tl.constexpr, NCH: tl.constexpr, CHUNK_: tl.constexpr,
 ):
-    blk = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1).to(tl.int64)
+    pid = tl.program_id(0)
+    b, blk = (pid // programs).to(tl.int64), (pid % programs).to(tl.int64)
     D2 = D - SPLIT
     i = _tile(blk, NCH, CHUNK_)
     inside = i < D
@@ -174,13 +182,15 @@ def _geometry(t: torch.Tensor, h: torch.Tensor) -> tuple[int, int, int]:
     if tuple(h.shape) != want:
         raise ValueError(f"conditioner output must be {want} for an input {tuple(t.shape)}, got {tuple(h.shape)}")
     batch = t.shape[0]
-    dim = t[0].numel()
+    dim = math.prod(t.shape[1:])
     return batch, dim, c1 * (dim // t.shape[1])
 
 
-def _launch_grid(dim: int, batch: int) -> tuple[int, tuple[int, int]]:
+def _launch_grid(dim: int, batch: int) -> tuple[int, int, tuple[int]]:
+    """``(elements per program, programs per sample, grid)``."""
     block = block_for(dim)
-    return block, (triton.cdiv(dim, block), batch)
+    programs = triton.cdiv(dim, block)
+    return block, programs, launch_grid(batch, programs)
 
 
 def _log_bound(kind: str, bound: float) -> float:
@@ -198,7 +208,7 @@ def affine_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(y [B, C, ...] in x's dtype, logdet [B] float32, fingerprint of x [B, M] float64 or None)``.
 
-    ``h``: conditioner output ``[B, 2 * C2, ...]``; ``tables``: ``(within, flips)`` sign tables, or
+    ``h``: conditioner output ``[B, 2 * C2, ...]``; ``tables``: ``(within, flips)`` weight tables, or
     None for no fingerprint.
     """
     log_bound = _log_bound(kind, bound)
@@ -206,11 +216,12 @@ def affine_forward(
     batch, dim, split = _geometry(x, h)
     m = check_tables(*tables, dim) if tables is not None else 1
     y = torch.empty_like(x, memory_format=torch.contiguous_format)
-    block, grid = _launch_grid(dim, batch)
-    part = torch.empty((batch, grid[0], m + 1), dtype=torch.float64, device=x.device)
+    block, programs, grid = _launch_grid(dim, batch)
+    part = torch.empty((batch, programs, m + 1), dtype=torch.float64, device=x.device)
     within, flips = tables if tables is not None else (part, part)
+    rows = flips.shape[0] if tables is not None else NO_TABLE_ROWS
     _affine_fwd_kernel[grid](
-        x, h, y, part, within, flips, dim, split, flips.shape[0], log_bound,
+        x, h, y, part, within, flips, dim, split, programs, rows, log_bound,
         KIND=KINDS[kind], WANT_FP=tables is not None, NCH=block // CHUNK, CHUNK_=CHUNK, M=m, num_warps=4,
     )
     sums = part.sum(1)
@@ -230,11 +241,12 @@ def affine_inverse(
     batch, dim, split = _geometry(y, h)
     m = check_tables(*tables, dim) if tables is not None else 1
     x = torch.empty_like(y, memory_format=torch.contiguous_format)
-    block, grid = _launch_grid(dim, batch)
-    part = torch.empty((batch, grid[0], m), dtype=torch.float64, device=y.device) if tables is not None else x
+    block, programs, grid = _launch_grid(dim, batch)
+    part = torch.empty((batch, programs, m), dtype=torch.float64, device=y.device) if tables is not None else x
     within, flips = tables if tables is not None else (x, x)
+    rows = flips.shape[0] if tables is not None else NO_TABLE_ROWS
     _affine_inv_kernel[grid](
-        y, h, x, part, within, flips, dim, split, flips.shape[0], log_bound,
+        y, h, x, part, within, flips, dim, split, programs, rows, log_bound,
         KIND=KINDS[kind], WANT_FP=tables is not None, NCH=block // CHUNK, CHUNK_=CHUNK, M=m, num_warps=4,
     )
     return x, (part.sum(1) if tables is not None else None)
@@ -260,9 +272,9 @@ def affine_backward(
         raise ValueError(f"grad_logdet must be [{batch}], got {tuple(gld.shape)}")
     gx = torch.empty_like(grad_y, memory_format=torch.contiguous_format)
     dh = torch.empty_like(h, memory_format=torch.contiguous_format)
-    block, grid = _launch_grid(dim, batch)
+    block, programs, grid = _launch_grid(dim, batch)
     _affine_bwd_kernel[grid](
-        y, h, grad_y, gld if gld is not None else gx, gx, dh, dim, split, log_bound,
+        y, h, grad_y, gld if gld is not None else gx, gx, dh, dim, split, programs, log_bound,
         KIND=KINDS[kind], HAS_GLD=gld is not None, NCH=block // CHUNK, CHUNK_=CHUNK, num_warps=4,
     )
     return gx, dh
