@@ -2,22 +2,37 @@
 
 For an activation ``x`` of shape ``[B, ...]`` flattened to ``[B, D]``, the fingerprint is
 
-    f[b, j] = sum_i s[i, j] * x[b, i],      j < m (default m = 8),  s[i, j] in {-1, +1}
+    f[b, j] = sum_i s[i, j] * x[b, i],      j < m (default m = 8)
 
-with the signs drawn from a fixed seed. By Johnson–Lindenstrauss, ``||f_b - f'_b|| / ||f_b||``
-estimates the relative distance ``||x_b - x'_b|| / ||x_b||`` of a rebuilt sample ``x'_b``; a drift
-concentrated in a single element moves every component of ``f_b`` by that element's size. The
-forward pass stores ``B * m`` numbers per block.
+with continuous random weights ``s`` drawn from a fixed seed. By Johnson–Lindenstrauss,
+``||f_b - f'_b|| / ||f_b||`` estimates the relative distance ``||x_b - x'_b|| / ||x_b||`` of a
+rebuilt sample ``x'_b``; a drift concentrated in a single element moves every component of ``f_b``
+by that element's size times its weight. The forward pass stores ``B * m`` numbers per block.
 
-Precision: every product is exact (a sign times a value); for 16- and 32-bit inputs partial sums
-over chunks of 128 elements run in float32 and are combined in float64 (float64 inputs: float64
-throughout). The noise floor this leaves (measured in ``tests/test_fingerprint.py``: at most 1e-6
-relative in float32) sits more than 10x below the default tolerances of :func:`default_tol`.
+Why continuous weights: a rebuilt sample that differs from the truth by swapping two elements
+``a`` and ``b`` moves the fingerprint by ``(x_b - x_a) * (s[a] - s[b])``, so two elements with the
+same weight row are a blind spot. With ±1 weights one pair in 2^m = 256 had the same row, and such a
+swap passed silently. Now every weight is a product of two factors, each a random sign times a
+magnitude uniform in ``[0.5, 1.5]``; no two rows coincide, and the question is only how close two
+come. The closest are pairs sharing a factor (same chunk, or same offset in different chunks): a
+swap of a typical sample is measured at less than 1/10 of its true distance for about one such pair
+in 1e5 and at less than 1/20 for about one in 1e7 (the fixed tables: at least 0.05 for every such
+pair up to ``D = 3e5``; ``tests/test_fingerprint.py`` tests swaps). Magnitudes bounded away from 0 matter: a
+standard normal factor can be near 0 in several directions at once, and then two elements at the
+same offset of two chunks with similar scales look alike (below 1/20 for one pair in 5e4). They also
+mean every direction sees every element with a weight of at least 0.25.
+
+The weights are never stored as a ``[D, m]`` matrix: ``s[i, j] = within[i % 128, j] * flips[i // 128, j]``
+with a random ``128 x m`` pattern ``within`` and a random scale per chunk and direction ``flips``
+(both as above), generated once per shape and device, in float32 on the CPU (the float64 path uses
+the same values), and shared by every block; see :func:`signs` and :func:`sign_tables`.
+
+Precision: for 16- and 32-bit inputs partial sums over chunks of 128 elements run in float32 and are
+combined in float64 (float64 inputs: float64 throughout), never under autocast. Each product rounds
+once in float32, as the chunk sums do; the noise floor this leaves (measured in
+``tests/test_fingerprint.py``: at most 1e-6 relative in float32) sits more than 10x below the default
+tolerances of :func:`default_tol`.
 A NaN or Inf anywhere in the rebuilt sample makes its error NaN, and NaN never passes a check.
-
-The signs are never stored as a ``[D, m]`` matrix: ``s[i, j] = within[i % 128, j] * flips[i // 128, j]``
-with a random ``128 x m`` pattern and a random sign per chunk and direction (see :func:`signs`),
-both generated once per shape and device and shared by every block.
 """
 
 from __future__ import annotations
@@ -57,33 +72,41 @@ CHUNK = 128
 
 
 @functools.lru_cache(maxsize=64)
-def _pattern(rows: int, directions: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _weights(rows: int, directions: int, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[rows, m]`` random weights: a random sign times a magnitude uniform in ``[0.5, 1.5]``.
+
+    One uniform draw per entry gives both (sign: which half; magnitude: distance from the middle), so
+    the rows of a shorter table are the first rows of a longer one. Drawn in float32 on the CPU, so
+    every dtype and device gets the same values.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    bits = torch.randint(0, 2, (rows, directions), generator=gen, dtype=torch.int8)
-    return (bits * 2 - 1).to(device=device, dtype=dtype)
+    v = torch.rand(rows, directions, generator=gen, dtype=torch.float32) * 2 - 1  # exact in float32
+    return (torch.where(v < 0, -1.0, 1.0) * (0.5 + v.abs())).to(device=device, dtype=dtype)
 
 
-def _chunk_signs(dim: int, directions: int, device: torch.device, dtype: torch.dtype):
-    within = _pattern(CHUNK, directions, _SEED, device, dtype)  # [CHUNK, m]
-    flips = _pattern(dim // CHUNK + 1, directions, _SEED + 1, device, dtype)  # [chunks, m]
+def _chunk_weights(dim: int, directions: int, device: torch.device, dtype: torch.dtype):
+    within = _weights(CHUNK, directions, _SEED, device, dtype)  # [CHUNK, m]: the offsets in a chunk
+    flips = _weights(dim // CHUNK + 1, directions, _SEED + 1, device, dtype)  # [chunks, m]: chunk scales
     return within, flips
 
 
 def sign_tables(
     dim: int, device: torch.device, directions: int = DEFAULT_DIRECTIONS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(within [CHUNK, m], flips [dim // CHUNK + 1, m])`` as float32 on ``device``: what kernels take."""
-    return (_pattern(CHUNK, directions, _SEED, device, torch.float32),
-            _pattern(dim // CHUNK + 1, directions, _SEED + 1, device, torch.float32))
+    """The weight tables ``(within [CHUNK, m], flips [dim // CHUNK + 1, m])`` as float32 on ``device``:
+    what kernels take (the name is older than the continuous weights)."""
+    return _chunk_weights(dim, directions, device, torch.float32)
 
 
 def signs(dim: int, directions: int = DEFAULT_DIRECTIONS, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The ``[dim, directions]`` ±1 matrix the fingerprint projects on (materialized for tests only).
+    """The ``[dim, directions]`` weight matrix the fingerprint projects on (materialized for tests only;
+    the name is older than the continuous weights).
 
-    ``s[i, j] = within[i % CHUNK, j] * flips[i // CHUNK, j]``: a random ``CHUNK x m`` pattern with a
-    random sign per chunk and direction, so the stored state is ``(CHUNK + D / CHUNK) * m`` numbers.
+    ``s[i, j] = within[i % CHUNK, j] * flips[i // CHUNK, j]``: a random ``CHUNK x m`` pattern times a
+    random scale per chunk and direction, every entry of both a random sign times a magnitude uniform
+    in ``[0.5, 1.5]``, so the stored state is ``(CHUNK + D / CHUNK) * m`` numbers.
     """
-    within, flips = _chunk_signs(dim, directions, torch.device("cpu"), torch.float64)
+    within, flips = _chunk_weights(dim, directions, torch.device("cpu"), torch.float64)
     idx = torch.arange(dim)
     return (within[idx % CHUNK] * flips[idx // CHUNK]).to(dtype)
 
@@ -126,14 +149,20 @@ def fingerprint_reference(
     ``first_chunk``/``dim_total``: ``x`` is the part of a longer per-sample vector (``dim_total``
     elements) that starts at chunk ``first_chunk``; the result is that part's share of its fingerprint.
     """
+    if torch.is_autocast_enabled(x.device.type):
+        # Autocast would run the products below in bf16/fp16 (x and the weights rounded, chunk sums
+        # rounded): 3e-3 relative noise, and a fingerprint that depends on the caller's autocast state.
+        with torch.autocast(x.device.type, enabled=False):
+            return fingerprint_reference(x, directions, first_chunk, dim_total)
     acc = _accumulation_dtype(x.dtype)
     flat = x.detach().reshape(x.shape[0], -1)
     if flat.dtype != acc:
         flat = flat.to(acc)
     batch, dim = flat.shape
-    # Flips in the accumulation dtype: a product with +-1 is exact, and sum(dtype=float64) widens
-    # on the fly, so no float64 copy of the partial sums is made.
-    within, flips = _chunk_signs(dim if dim_total is None else dim_total, directions, flat.device, acc)
+    # Flips in the accumulation dtype: the product rounds once in float32 (half an ulp, less than the
+    # chunk sum it scales already did), and sum(dtype=float64) widens on the fly, so no float64 copy
+    # of the partial sums is made.
+    within, flips = _chunk_weights(dim if dim_total is None else dim_total, directions, flat.device, acc)
     flips = flips[first_chunk:]
     chunks, rest = divmod(dim, CHUNK)
     out: torch.Tensor | None = None

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from chains import Flip
+from chains import Flip, assert_healthy
 from reference import assert_rel_close, plain_chain, scalar_loss
 from torch import nn
 
@@ -82,6 +82,8 @@ def test_engine_passes_halves_and_matches_plain_autograd(spies, check):
     options = {"check": "correct", "tol": 1e-300} if check == "correct-forced" else {"check": check}
     model = revgrad.reversible(copy.deepcopy(net), **options)
     x = torch.randn(2, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    if check != "correct-forced":  # premise: nothing to correct, so every coupling rebuilds from halves
+        assert_healthy(net, x, revgrad.default_tol(torch.float64), anchors=None)
     xr = x.detach().clone().requires_grad_()
     scalar_loss(model(x)).backward()
     scalar_loss(plain_chain(net, xr)).backward()

@@ -23,7 +23,7 @@ import os
 
 import pytest
 import torch
-from chains import exploding_chain
+from chains import assert_healthy, assert_unstable, exploding_chain
 from reference import TOL, assert_rel_close, named_grads, plain_chain, scalar_loss
 from torch import nn
 
@@ -269,6 +269,9 @@ def test_glow_stage_trains_with_kernels_like_plain_autograd(check):
     for step in range(3):
         plain.load_state_dict(rev.state_dict())
         x = torch.randn(3, 5, 7, 9, generator=gen).to(DEVICE)
+        if step == 0:  # premise: rebuilt from the top, every input within tol / 10 (check="off" is exact)
+            with dispatch.overridden("triton"):
+                assert_healthy(stage, x, revgrad.default_tol(torch.float32), anchors=None)
         with dispatch.overridden("torch"):
             xp = x.double().requires_grad_()
             scalar_loss(plain_chain(list(plain), xp)).backward()
@@ -301,6 +304,7 @@ def test_fused_blocks_fingerprint_inside_their_kernels(monkeypatch):
     rev = revgrad.reversible(nn.Sequential(*blocks).to(DEVICE), check="detect")
     x = torch.randn(2, 5, 4, 6, device=DEVICE, requires_grad=True)
     with dispatch.overridden("triton"):
+        assert_healthy(rev, x, revgrad.default_tol(torch.float32), anchors=None)  # premise: errors < 1e-6
         y, logdet = rev(x)
         (y.square().sum() + logdet.sum()).backward()
     assert calls == []
@@ -316,6 +320,8 @@ def test_kernel_fingerprints_catch_an_exploding_inverse():
     chain = exploding_chain(seed=0).to(DEVICE)
     torch.manual_seed(1)
     x = torch.randn(3, 4, 5, 7).to(DEVICE)
+    with dispatch.overridden("triton"):  # premise: inputs rebuilt by the kernels are off by >= 100 tol
+        assert_unstable(chain, x, revgrad.default_tol(torch.float32))
     xp = x.clone().requires_grad_()
     with dispatch.overridden("torch"):
         scalar_loss(plain_chain(list(chain), xp)).backward()

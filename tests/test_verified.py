@@ -8,11 +8,21 @@ import warnings
 
 import pytest
 import torch
-from chains import NaNInverse, Scale, exploding_chain, healthy_chain
+from chains import (
+    NaNInverse,
+    Scale,
+    assert_healthy,
+    assert_unstable,
+    exploding_chain,
+    healthy_chain,
+    reconstruction_errors,
+)
 from reference import assert_rel_close, plain_chain, rel_error, scalar_loss
 from torch import nn
 
 import revgrad
+
+TOL32 = revgrad.default_tol(torch.float32)
 
 
 def _reference_grads(net: nn.Module, x: torch.Tensor):
@@ -40,9 +50,20 @@ def _drifting_chain(kind: str) -> nn.Sequential:
     return nn.Sequential(*blocks[:4], bad, *blocks[4:])
 
 
+def _assert_drifting_premise(net: nn.Sequential, x: torch.Tensor, bad: int = 4) -> None:
+    """Only block ``bad`` fails: its input is off by >= 100 tol even from its exact output, and the
+    blocks above it, rebuilt from the top, stay within tol / 10 (those below it get exact inputs from
+    the correction)."""
+    tol = revgrad.default_tol(x.dtype)
+    one_step = reconstruction_errors(net, x)[bad]
+    assert one_step >= 100 * tol, f"premise: block {bad} is off by only {one_step:.3g} (tol {tol:.3g})"
+    above = max(reconstruction_errors(net, x, anchors=None)[bad + 1 :], default=0.0)
+    assert above <= tol / 10, f"premise: the blocks above {bad} are off by {above:.3g} (tol {tol:.3g})"
+
+
 SCENARIOS = {
     "exploding-affine-12": lambda: exploding_chain(depth=12),
-    "exploding-affine-16": lambda: exploding_chain(depth=16, bias=-7.0, seed=1),
+    "exploding-affine-16": lambda: exploding_chain(depth=16, bias=-15.0, seed=1),
     "inverse-off-by-1%": lambda: _drifting_chain("inverse-off-by-1%"),
     "inverse-yields-nan": lambda: _drifting_chain("inverse-yields-nan"),
 }
@@ -50,8 +71,13 @@ SCENARIOS = {
 
 @pytest.fixture(params=sorted(SCENARIOS), ids=sorted(SCENARIOS))
 def broken(request):
+    net = SCENARIOS[request.param]()
     torch.manual_seed(1)
-    return request.param, SCENARIOS[request.param](), torch.randn(3, 4, 5, 7)
+    x = torch.randn(3, 4, 5, 7)
+    # Each test below means something only if checks fail: some input, even rebuilt from its exact
+    # output, is off by >= 100x the float32 tolerance (exploding: ~1e-2, measured 1150x and 3250x).
+    assert_unstable(net, x, TOL32)
+    return request.param, net, x
 
 
 def test_default_mode_corrects_broken_chain(broken):
@@ -95,6 +121,13 @@ def test_healthy_chains_raise_no_false_alarm(seed, dtype):
     net = healthy_chain(24, channels=6, seed=seed).to(dtype)
     torch.manual_seed(100 + seed)
     x = torch.randn(3, 6, 5, 5, dtype=dtype, requires_grad=True)
+    tol = revgrad.default_tol(dtype)
+    # Premise: rebuilt between the engine's anchors, every input is within tol / 10 (float32: ~2e-7).
+    assert_healthy(net, x, tol, anchors="default")
+    # Without anchors every block is rebuilt from the top and errors compound: over all 32 blocks to
+    # a third of the float32 tol (~3e-6), over the first 12 to ~4e-7, within tol / 10.
+    first = nn.Sequential(*copy.deepcopy(list(net)[:12]))
+    assert_healthy(first, x, tol, anchors=None)
     model = revgrad.reversible(net)
     for _ in range(2):
         scalar_loss(model(x)).backward()
@@ -103,8 +136,8 @@ def test_healthy_chains_raise_no_false_alarm(seed, dtype):
     measured = [e for i, e in enumerate(report.errors) if i not in report.anchors]
     assert not any(math.isnan(e) for e in measured)
     assert max(measured) < report.tol / 10, f"healthy errors {max(measured):.3g} not 10x below tol {report.tol:.3g}"
-    # Without anchors every block is rebuilt from the top: errors compound, yet stay under tol here.
-    detect = revgrad.reversible(copy.deepcopy(net), check="detect")
+    # Without anchors (check="detect"): no false alarm either.
+    detect = revgrad.reversible(first, check="detect")
     scalar_loss(detect(x)).backward()
     assert detect.last_report.corrected == [] and detect.last_report.max_error < detect.last_report.tol
 
@@ -112,6 +145,7 @@ def test_healthy_chains_raise_no_false_alarm(seed, dtype):
 def test_report_fields_and_nan_where_unmeasured():
     net = exploding_chain(depth=12)
     x = torch.randn(3, 4, 5, 7, requires_grad=True)
+    assert_unstable(net, x, TOL32)  # premise: blocks are corrected, so the report says so
     model = revgrad.reversible(net, anchor_every=4)
     scalar_loss(model(x)).backward()
     rep = model.last_report
@@ -167,6 +201,7 @@ def test_adaptive_anchor_kept_then_released():
     net = _drifting_chain("inverse-off-by-1%")
     bad = net[4]
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
+    _assert_drifting_premise(net, x)
     model = revgrad.reversible(net, anchor_every=100, release_after=3)  # only block 0 is a regular anchor
     first = _step(model, x)
     assert first.corrected == [4] and first.correction_evaluations == 4
@@ -183,6 +218,7 @@ def test_adaptive_anchor_kept_then_released():
 def test_adaptive_anchor_gradients_exact():
     net = _drifting_chain("inverse-off-by-1%")
     x = torch.randn(2, 4, 3, 3)
+    _assert_drifting_premise(net, x)
     gx_ref, gp_ref = _reference_grads(net, x)
     model = revgrad.reversible(copy.deepcopy(net), anchor_every=100)
     for _ in range(3):
@@ -218,6 +254,7 @@ def test_fused_blocks_differentiate_at_their_stored_input(monkeypatch):
     # anchor at 6, which also stores block 7's exact input.
     net = nn.Sequential(*healthy_chain(8, channels=4, affine_every=0), Scale(4, inverse_error=0.01)).double()
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    _assert_drifting_premise(net, x, bad=8)
     generic: list[int] = []
     original = revgrad.engine._Backward._recompute_vjp
 
@@ -258,6 +295,7 @@ def deferred(monkeypatch):
 def test_deferred_checks_read_nothing_per_block_on_a_clean_chain(deferred):
     net = healthy_chain(9, channels=4, affine_every=3).double()
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    assert_healthy(net, x, revgrad.default_tol(torch.float64), anchors="default")
     gx_ref, gp_ref = _reference_grads(net, x)
     model, gx, gp = _revgrad_grads(net, x)
     report = model.last_report
