@@ -116,7 +116,21 @@ def _fusable(x: torch.Tensor, out: torch.Tensor) -> bool:
     )
 
 
+def _version(t: torch.Tensor) -> int | None:
+    return None if t.is_inference() else t._version
+
+
 class _Coupling(nn.Module):
+    def _check_unchanged(self, name: str, t: torch.Tensor, version: int | None) -> None:
+        """A sub-network that modifies its input in place (``nn.ReLU(inplace=True)`` as its first
+        layer) changes a half the coupling's output or inverse still needs: refuse it."""
+        if version is not None and t._version != version:
+            raise BlockError(
+                f"revgrad: {type(self).__name__}.{name} modified its input in place (an in-place first "
+                f"operation, such as nn.ReLU(inplace=True)?); a coupling's sub-networks must leave their "
+                "input unchanged, or the coupling is not invertible"
+            )
+
     def _check_split(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.shape[1] < 2:
             raise BlockError(
@@ -149,12 +163,16 @@ class AdditiveCoupling(_Coupling):
         self.g = g
 
     def _f(self, x2: torch.Tensor, like: torch.Size) -> torch.Tensor:
+        version = _version(x2)
         out = self.f(x2)
+        self._check_unchanged("f", x2, version)
         self._check_out("f", out, like, "f maps x2 to x1's shape")
         return out
 
     def _g(self, y1: torch.Tensor, like: torch.Size) -> torch.Tensor:
+        version = _version(y1)
         out = self.g(y1)
+        self._check_unchanged("g", y1, version)
         self._check_out("g", out, like, "g maps y1 to x2's shape")
         return out
 
@@ -331,7 +349,9 @@ class AffineCoupling(_Coupling):
         return f"scale={self.scale!r}" + (f", bound={self.bound}" if self.scale == "bounded" else "")
 
     def _conditioner(self, x1: torch.Tensor, x2_shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        version = _version(x1)
         h = self.net(x1)
+        self._check_unchanged("net", x1, version)
         like = torch.Size((x2_shape[0], 2 * x2_shape[1], *x2_shape[2:]))
         self._check_out("net", h, like, "net maps x1 to [shift, raw scale] for x2")
         shift, raw = h.chunk(2, dim=1)

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .couplings import AdditiveCoupling, AffineCoupling
-from .protocol import require_blocks
+from .protocol import block_type, require_blocks
 
 __all__ = ["BlockStability", "StabilityReport", "lipschitz_bound", "ood_probes", "stability_report"]
 
@@ -317,7 +317,7 @@ def stability_report(model: nn.Module, x: torch.Tensor, *, iterations: int = 10,
             lip_i = _local_lipschitz(lambda t, b=block: _inverse(b, t), y, iterations, gen)
             bf, bi = _block_bounds(block)
             report.blocks.append(
-                BlockStability(f"{i} ({type(block).__name__})", rmax, rmean, nonfinite, lip_f, lip_i, bf, bi)
+                BlockStability(f"{i} ({block_type(block)})", rmax, rmean, nonfinite, lip_f, lip_i, bf, bi)
             )
             h = y
         y = h

@@ -26,8 +26,10 @@ import functools
 import inspect
 import logging
 import math
+import numbers
 import os
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,10 +46,20 @@ from .protocol import (
     BlockError,
     ReconstructionError,
     block_name,
+    block_type,
     check_inverse_output,
     split_output,
 )
-from .replay import AutocastState, BlockSlots, BufferGuard, ParamAliases, RngTape, recording
+from .replay import (
+    RNG_LOCK,
+    AutocastState,
+    BlockSlots,
+    BufferGuard,
+    ParamAliases,
+    RngTape,
+    owns_hook,
+    recording,
+)
 from .report import BackwardReport
 
 __all__ = ["CHECK_MODES", "EngineConfig", "run_chain", "run_plain"]
@@ -84,12 +96,27 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.check not in CHECK_MODES:
             raise ValueError(f"revgrad: check must be one of {CHECK_MODES}, got {self.check!r}")
-        if self.tol is not None and not self.tol > 0:
-            raise ValueError(f"revgrad: tol must be positive, got {self.tol}")
-        if self.anchor_every is not None and (not isinstance(self.anchor_every, int) or self.anchor_every < 1):
-            raise ValueError(f"revgrad: anchor_every must be a positive integer, got {self.anchor_every!r}")
-        if not isinstance(self.graph_budget, int) or self.graph_budget < 0:
+        if self.tol is not None:
+            if not _is_number(self.tol):
+                raise TypeError(f"revgrad: tol must be a positive number or None, got {self.tol!r}")
+            if not self.tol > 0:  # NaN fails this too; inf is allowed (measure, never correct)
+                raise ValueError(f"revgrad: tol must be a positive number, got {self.tol!r}")
+        if self.anchor_every is not None and (not _is_int(self.anchor_every) or self.anchor_every < 1):
+            raise ValueError(f"revgrad: anchor_every must be a positive integer or None, got {self.anchor_every!r}")
+        if not _is_int(self.graph_budget) or self.graph_budget < 0:
             raise ValueError(f"revgrad: graph_budget must be a number of bytes >= 0, got {self.graph_budget!r}")
+        for name in ("preserve_rng_state", "warn"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"revgrad: {name} must be True or False, got {getattr(self, name)!r}")
+
+
+def _is_int(value: object) -> bool:
+    """An integer, but not a bool (``anchor_every=True`` is a mistake, not 1)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -111,6 +138,44 @@ def _accepts(cls: type, keyword: str) -> bool:
         return False
 
 
+# Blocks whose forward needs autograd inside it (FrEIA's IResNetLayer takes its log-determinant with
+# torch.autograd.grad): the engine evaluates them with grad enabled on a detached input and keeps no
+# graph. Learned the first time such a block fails under no_grad.
+_GRAD_INSIDE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+
+def _detached(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach()
+    if isinstance(out, (tuple, list)):
+        return type(out)(o.detach() if isinstance(o, torch.Tensor) else o for o in out)
+    return out
+
+
+def _evaluate(block: nn.Module, fn, h: torch.Tensor):
+    """``fn(h)`` in the caller's grad mode; under ``no_grad`` (the engine's forward, inverse and
+    corrections), a block that needs autograd inside runs with grad on a detached ``h`` and its
+    outputs are detached: no graph is kept."""
+    if block not in _GRAD_INSIDE or torch.is_grad_enabled():
+        return fn(h)
+    with torch.enable_grad():
+        return _detached(fn(h.detach()))
+
+
+# Whether a block drew random numbers in its last forward. Recording its sub-module calls costs a
+# few microseconds per call, so a block seen deterministic is not recorded; if it draws again (after
+# model.train(), say), that forward keeps its input instead (see _record) and the next one records.
+_DREW: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _recording_calls(tape: RngTape, block: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """For a block that is not fused: record its sub-module calls (the inverse may make them in
+    another order than forward), unless it has none or drew no random numbers last time."""
+    if block._modules and _DREW.get(block, True):
+        return tape.recording_calls(block)
+    return contextlib.nullcontext()
+
+
 class _Forward:
     name = "forward"
 
@@ -122,19 +187,23 @@ class _Forward:
 
     @staticmethod
     def record(block: nn.Module, label: int, h: torch.Tensor, tape: RngTape | None, fused: bool):
-        if tape is not None and not fused:
-            tape.mark()  # fused blocks mark before each of their sub-networks themselves
-        with recording(tape):
-            out = block(h)
+        if tape is None or fused:  # fused blocks mark before each of their sub-networks themselves
+            with recording(tape):
+                out = block(h)
+        else:
+            tape.mark()
+            # recording(None): a fused block nested inside draws in sequence, seen by the call records.
+            with recording(None), _recording_calls(tape, block):
+                out = _evaluate(block, block, h)
         return split_output(out, label, block, h)
 
     @staticmethod
     def run(block: nn.Module, label: int, h: torch.Tensor):
-        return split_output(block(h), label, block, h)
+        return split_output(_evaluate(block, block, h), label, block, h)
 
     @staticmethod
     def undo(block: nn.Module, label: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
-        return check_inverse_output(block.inverse(y), label, block, rec.shape, rec.dtype)
+        return check_inverse_output(_evaluate(block, block.inverse, y), label, block, rec.shape, rec.dtype)
 
 
 class _Inverse:
@@ -146,7 +215,7 @@ class _Inverse:
 
     @staticmethod
     def run(block: nn.Module, label: int, h: torch.Tensor):
-        out = block.inverse(h)
+        out = _evaluate(block, block.inverse, h)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != h.shape[0]:
@@ -159,13 +228,15 @@ class _Inverse:
 
     @classmethod
     def record(cls, block: nn.Module, label: int, h: torch.Tensor, tape: RngTape | None, fused: bool):
-        if tape is not None:
-            tape.mark()
-        return cls.run(block, label, h)
+        if tape is None:
+            return cls.run(block, label, h)
+        tape.mark()
+        with recording(None), _recording_calls(tape, block):
+            return cls.run(block, label, h)
 
     @staticmethod
     def undo(block: nn.Module, label: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
-        x, _ = split_output(block(y), label, block, y)
+        x, _ = split_output(_evaluate(block, block, y), label, block, y)
         if x.shape != rec.shape:
             raise BlockError(
                 f"revgrad: {block_name(label, block)} maps {tuple(y.shape)} to {tuple(x.shape)}, but its "
@@ -189,13 +260,16 @@ class _Record:
     nbytes: int
     tape: RngTape | None
     buffers: BufferGuard
+    modes: tuple[bool, ...]  # the training flag of each of the block's modules (BlockSlots.modules)
     fingerprint: torch.Tensor | None
     has_logdet: bool
     fused: bool
     two_part: bool = False  # forward handed this block its input as halves (revgrad.halves)
 
-    def replay(self) -> contextlib.AbstractContextManager[None]:
-        return self.tape.replay(0) if self.tape is not None else contextlib.nullcontext()
+    def replay(self, same_order: bool = True) -> contextlib.AbstractContextManager[None]:
+        """Forward's random numbers for an evaluation of the block: its forward again
+        (``same_order``) or its inverse."""
+        return self.tape.replay_block(same_order) if self.tape is not None else contextlib.nullcontext()
 
 
 @dataclass
@@ -248,7 +322,7 @@ def _global_module_hooks(kinds: tuple[str, ...] = _ALL_HOOKS) -> bool:
     """Whether hooks registered for every module (``register_module_*_hook``) of these kinds exist."""
     from torch.nn.modules import module as _module
 
-    return any(getattr(_module, name, None) for name in kinds)
+    return any(not owns_hook(hook) for name in kinds for hook in getattr(_module, name, {}).values())
 
 
 def _two_part(direction, block: nn.Module, fused: bool, h: torch.Tensor | Halves) -> bool:
@@ -270,6 +344,71 @@ def _nbytes(h: torch.Tensor | Halves) -> int:
 
 def _fingerprint(x: torch.Tensor | Halves) -> torch.Tensor:
     return fingerprint_parts(x.a, x.b) if isinstance(x, Halves) else fingerprint(x)
+
+
+def _versions(h: torch.Tensor | Halves) -> tuple[int | None, ...]:
+    parts = h if isinstance(h, Halves) else (h,)
+    return tuple(None if t.is_inference() else t._version for t in parts)
+
+
+def _record(chain: _Chain, i: int, h: torch.Tensor | Halves, fused: bool, two_part: bool, want_fp: bool, buffers):
+    """Run block ``i`` in forward: ``(y, logdet or None, fingerprint of h or None, RNG tape or None)``.
+
+    Holds :data:`RNG_LOCK` while the block runs so that no other thread training with revgrad draws
+    random numbers inside it. A block that needs autograd inside its forward is run again with grad,
+    after its buffers and the generators are put back as they were.
+    """
+    block, label = chain.blocks[i], chain.labels[i]
+    direction = chain.direction
+    rng = chain.config.preserve_rng_state
+    for attempt in range(2):
+        tape = RngTape(h.device, owner=block_name(label, block)) if rng else None
+        try:
+            with RNG_LOCK if rng else contextlib.nullcontext():
+                if two_part:
+                    with recording(tape):
+                        y, ld = Halves(*block.forward_halves(h.a, h.b)), None
+                    fp = fingerprint_parts(h.a, h.b) if want_fp else None
+                else:
+                    # A fused block fingerprints its input inside its own kernel pass; others get it here.
+                    request = FingerprintRequest(h) if want_fp else None
+                    with requesting(request):
+                        y, ld = direction.record(block, label, h, tape, fused)
+                    fp = None if request is None else (request.value if request.value is not None else fingerprint(h))
+                if tape is not None:
+                    tape.close()
+                    if not fused:
+                        _DREW[block] = tape.consumed
+        except BlockError as error:
+            if f"block {label} (" in str(error):
+                raise
+            raise BlockError(f"revgrad: {block_name(label, block)}: {str(error).removeprefix('revgrad: ')}") from error
+        except RuntimeError as error:
+            if attempt or fused or block in _GRAD_INSIDE or "does not require grad" not in str(error):
+                raise
+            # The block differentiates something inside its forward (a log-determinant by autograd,
+            # say): undo what the failed attempt did to its buffers and the generators, run it with grad.
+            _GRAD_INSIDE.add(block)
+            with torch.no_grad():
+                for module, name, buf, _, saved in buffers:
+                    module._buffers[name] = buf
+                    buf.copy_(saved)
+            if tape is not None and tape._marks:
+                tape._restore(tape._marks[0])
+            continue
+        return y, ld, fp, (tape if tape is not None and tape.consumed else None)
+    raise AssertionError("unreachable")
+
+
+def _warn_unkeyed_randomness(label: int, block: nn.Module) -> None:
+    warnings.warn(
+        f"revgrad: blocks of type {block_type(block)} draw random numbers outside their sub-modules' calls "
+        "(in their own forward code, or in a sub-module called through .forward()), so backward cannot "
+        "give their inverse the same random numbers if it draws them in another order; revgrad keeps the "
+        "input of such blocks instead (one activation each). Call random parts as sub-modules to avoid it.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 class _RevBackprop(torch.autograd.Function):
@@ -297,25 +436,29 @@ class _RevBackprop(torch.autograd.Function):
             fused = direction.fused(block)
             two_part = _two_part(direction, block, fused, h)
             h = halves.split(h) if two_part else halves.full(h)
-            tape = RngTape(h.device) if cfg.preserve_rng_state else None
-            buffers = BufferGuard.before(chain.slots[i])
-            if two_part:
-                with recording(tape):
-                    y, ld = Halves(*block.forward_halves(h.a, h.b)), None
-                fp = fingerprint_parts(h.a, h.b) if checking and i not in stored else None
-            else:
-                # A fused block fingerprints its input inside its own kernel pass; others get it here.
-                request = FingerprintRequest(h) if checking and i not in stored else None
-                with requesting(request):
-                    y, ld = direction.record(block, chain.labels[i], h, tape, fused)
-                fp = None if request is None else (request.value if request.value is not None else fingerprint(h))
-            if tape is not None:
-                tape.close()
-                if not tape.consumed:
-                    tape = None
+            slots = chain.slots[i]
+            modes = slots.modes()
+            buffers = BufferGuard.before(slots)
+            versions = _versions(h)
+            y, ld, fp, tape = _record(chain, i, h, fused, two_part, checking and i not in stored, buffers)
+            if _versions(h) != versions:
+                raise BlockError(
+                    f"revgrad: {block_name(chain.labels[i], block)} modified its input in place in forward "
+                    "(an in-place first operation, such as nn.ReLU(inplace=True) first in a sub-network?); a "
+                    "block must leave its input as it was, or its inverse cannot give that input back"
+                )
+            if tape is not None and not fused and tape.gaps is not False and i not in stored:
+                # Random numbers drawn where no sub-module call keys them (or calls not recorded: the
+                # block was deterministic last time): an inverse that draws them in another order
+                # could not be replayed. Keep this block's input instead.
+                if tape.gaps or not block._modules:
+                    _warn_unkeyed_randomness(chain.labels[i], block)
+                anchor_at.append(i)
+                anchor_tensors.append(halves.full(h))
+                fp = None
             records.append(
-                _Record(h.shape, h.dtype, _nbytes(h), tape, BufferGuard.after(buffers), fp, ld is not None,
-                        fused, two_part)
+                _Record(h.shape, h.dtype, _nbytes(h), tape, BufferGuard.after(buffers, keep_after=not fused), modes,
+                        fp, ld is not None, fused, two_part)
             )
             if ld is not None:
                 logdet = ld if logdet is None else logdet + ld
@@ -329,6 +472,8 @@ class _RevBackprop(torch.autograd.Function):
         ctx.adaptive_at = adaptive
         ctx.regular = regular
         ctx.has_logdet = logdet is not None
+        # Parameters changed in place before backward would be recomputed with their new values.
+        ctx.param_versions = [p._version for p in chain.params]
         ctx.tol = cfg.tol if cfg.tol is not None else default_tol(_compute_dtype(x, autocast))
         ctx.save_for_backward(h, *anchor_tensors)
         if logdet is None:
@@ -346,6 +491,7 @@ class _RevBackprop(torch.autograd.Function):
         saved = ctx.saved_tensors  # raises if the graph was already freed or y was modified in place
         y, anchors = saved[0], dict(zip(ctx.anchor_at, saved[1:]))
         chain: _Chain = ctx.chain
+        _refuse_changed_state(chain, ctx.records, ctx.param_versions, "between forward and backward")
         engine = _Backward(ctx, chain, anchors, deferred=_defer_checks(chain, y))
         grad_logdet = rest[0] if ctx.has_logdet else None
         with ctx.autocast.replay():
@@ -359,6 +505,32 @@ class _RevBackprop(torch.autograd.Function):
                 grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
         engine.publish()
         return (None, grad_x, *grads)
+
+
+def _refuse_changed_state(
+    chain: _Chain, records: list[_Record], versions: list[int], when: str, only: int | None = None
+) -> None:
+    """Raise if a parameter or a read-only buffer of the chain's blocks (or of block ``only``) was
+    modified in place since forward: backward would evaluate the block with values forward did not
+    use. Plain autograd refuses the same (for the tensors its graph saved)."""
+    for i in range(len(chain.blocks)) if only is None else (only,):
+        block = chain.blocks[i]
+        for j in chain.block_params[i]:
+            p = chain.params[j]
+            if p._version != versions[j]:
+                name = chain.slots[i].param_name(p, block)
+                raise BlockError(
+                    f"revgrad: {block_name(chain.labels[i], block)}: its parameter '{name}' was modified in place "
+                    f"{when} (an optimizer step or an in-place update); backward would evaluate the block with "
+                    "values its forward did not use. Run backward before changing parameters."
+                )
+        buffer = records[i].buffers.changed()
+        if buffer is not None:
+            name = next((n for n, b in block.named_buffers(remove_duplicate=False) if b is buffer), "?")
+            raise BlockError(
+                f"revgrad: {block_name(chain.labels[i], block)}: its buffer '{name}' was modified in place "
+                f"{when}; backward would evaluate the block with values its forward did not use."
+            )
 
 
 # Deferred checks: "auto" defers on CUDA (where reading each error back would stall the host until
@@ -393,6 +565,7 @@ class _Backward:
         # Deferred checks: (block, error as a 0-dim tensor, adaptive anchor?), settled at the end.
         self.pending: list[tuple[int, torch.Tensor, bool]] = []
         self.records: list[_Record] = ctx.records
+        self.param_versions: list[int] = ctx.param_versions
         self.anchors = anchors
         self.adaptive_at: frozenset[int] = ctx.adaptive_at
         self.regular: frozenset[int] = ctx.regular
@@ -438,6 +611,20 @@ class _Backward:
             h, gy = x, gx
         return (halves.full(gy) if need_x and gy is not None else None), param_grads
 
+    @contextlib.contextmanager
+    def _as_in_forward(self, i: int, after: bool = False):
+        """Block ``i`` as its forward saw it, for one evaluation: forward's training modes, and its
+        buffers as forward found them (``after``: as forward left them, for the inverse). Raises
+        afterwards if the evaluation changed a parameter or a read-only buffer in place."""
+        rec = self.records[i]
+        with self.chain.slots[i].modes_as(rec.modes), rec.buffers.shield(after):
+            yield
+        _refuse_changed_state(self.chain, self.records, self.param_versions, "by backward's evaluation of the block",
+                              only=i)
+
+    def _block_params(self, i: int) -> list[torch.Tensor]:
+        return [self.chain.params[j] for j in self.chain.block_params[i]]
+
     def _meter(self, i: int, block: nn.Module) -> SavedBytes | None:
         chain = self.chain
         if chain.graphs is None:
@@ -467,7 +654,10 @@ class _Backward:
             err = self._measure(error, i)
             clean = err <= self.tol
             self.chain.adaptive.observe(i, clean)
-            return (x, vjp) if clean else (exact, None)
+            if clean:
+                return x, vjp
+            self.report.from_adaptive.append(i)
+            return exact, None
         if rec.fingerprint is None:
             return x, vjp
         error = relative_error(_fingerprint(x) if fp is None else fp, rec.fingerprint)
@@ -478,7 +668,7 @@ class _Backward:
         if err <= self.tol:
             return x, vjp
         if self.chain.config.check == "detect":
-            raise ReconstructionError(self.chain.labels[i], type(block).__name__, err, self.tol)
+            raise ReconstructionError(self.chain.labels[i], block_type(block), err, self.tol)
         return self._correct(i, err), None
 
     def _rebuild(
@@ -493,7 +683,8 @@ class _Backward:
         if rec.fused and bparams is not None:
             wanted = exact is None and (rec.fingerprint is not None or i in self.adaptive_at)
             request = FingerprintRequest(None) if wanted else None
-            with rec.buffers.shield(), ParamAliases(self.chain.slots[i]).swap(bparams) as aliases, requesting(request):
+            aliasing = ParamAliases(self.chain.slots[i]).swap(bparams)
+            with self._as_in_forward(i), aliasing as aliases, requesting(request):
                 if rec.two_part:  # y and gy come as halves (run() converts them per record)
                     parts = None if exact is None else halves.split(exact)
                     x, vjp = block.inverse_halves_for_backward(y, rec.tape, aliases, gy, parts)
@@ -510,7 +701,10 @@ class _Backward:
             if x.dtype != rec.dtype:
                 return halves.full(x).to(rec.dtype), vjp, None
             return x, vjp, (request.value if request is not None else None)
-        with torch.no_grad(), rec.buffers.shield(), rec.replay():
+        # The inverse sees the block as forward left it, on aliases of its parameters (an inverse
+        # that initialises them from data changes the aliases, never the parameters).
+        aliasing = ParamAliases(self.chain.slots[i]).swap(self._block_params(i), grad=False)
+        with torch.no_grad(), self._as_in_forward(i, after=True), aliasing, rec.replay(same_order=False):
             return self.chain.direction.undo(block, label, halves.full(y), rec), None, None
 
     def settle(self) -> bool:
@@ -530,7 +724,7 @@ class _Backward:
         if failed and self.chain.config.check == "detect":
             i = max(failed)
             raise ReconstructionError(
-                self.chain.labels[i], type(self.chain.blocks[i]).__name__, self.report.errors[i], self.tol
+                self.chain.labels[i], block_type(self.chain.blocks[i]), self.report.errors[i], self.tol
             )
         if failed:
             return False
@@ -553,8 +747,8 @@ class _Backward:
         h = self.anchors[start]
         with torch.no_grad():
             for j in range(start, i):
-                rec = self.records[j]
-                with rec.buffers.shield(), rec.replay():
+                aliasing = ParamAliases(chain.slots[j]).swap(self._block_params(j), grad=False)
+                with self._as_in_forward(j), aliasing, self.records[j].replay():
                     h, _ = chain.direction.run(chain.blocks[j], chain.labels[j], h)
                 self.exact[j + 1] = h
         evals = i - start
@@ -570,8 +764,11 @@ class _Backward:
                 f"error {err:.3g} > tol {self.tol:.3g}; recomputed it from the anchor at block "
                 f"{chain.labels[start]}"
             )
-            warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            logger.warning(msg)
+            # Once: to the log where logging is set up for revgrad (or the root logger), else as a warning.
+            if logger.hasHandlers():
+                logger.warning(msg)
+            else:
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return self.exact.pop(i)
 
     # -- step 3: the VJP at the (trusted) input ---------------------------------------------------
@@ -580,7 +777,7 @@ class _Backward:
         self.report.evaluations += 1
         x_ = x.detach().requires_grad_(need_gx)
         aliasing = ParamAliases(self.chain.slots[i]).swap(bparams)
-        with rec.buffers.shield(), aliasing as aliases, torch.enable_grad(), rec.replay():
+        with self._as_in_forward(i), aliasing as aliases, torch.enable_grad(), rec.replay():
             y_, ld_ = self.chain.direction.run(block, self.chain.labels[i], x_)
         pairs = [(o, g) for o, g in ((y_, gy), (ld_, gld)) if o is not None and g is not None and o.requires_grad]
         inputs = ([x_] if need_gx else []) + aliases
@@ -595,6 +792,16 @@ class _Backward:
         owner = self.chain.owner
         if owner is not None:
             owner.last_report = self.report
+
+
+def _warn_functorch(name: str) -> None:
+    warnings.warn(
+        f"revgrad: {name} runs its blocks with plain autograd inside torch.func transforms (grad, vjp, "
+        "vmap): gradients are exact, memory is not saved there. Call the model outside torch.func to save "
+        "memory.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def run_plain(blocks: list[nn.Module], labels: list[int], x: torch.Tensor):
@@ -645,7 +852,14 @@ def run_chain(
     if not blocks:
         return x
     labels = list(range(len(blocks))) if labels is None else labels
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or x.numel() == 0:
+        # Nothing to save memory on: an empty batch runs (and differentiates) as plain autograd does.
+        return _plain(blocks, labels, steps, x)
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (grad, vjp, vmap, jacrev) differentiates through the blocks' own operations;
+        # the engine's Function has no functorch rules, so the blocks run plainly (same values and
+        # gradients, without the memory saving).
+        _warn_functorch(name)
         return _plain(blocks, labels, steps, x)
     params, per_block, slots = _collect_params(blocks)
     if not x.requires_grad and not params:

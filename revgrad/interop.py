@@ -49,8 +49,8 @@ def _as_logdet(jac: object, like: torch.Tensor) -> torch.Tensor:
         return like.new_zeros(batch)
     if not isinstance(jac, torch.Tensor):
         return torch.full((batch,), float(jac), dtype=like.dtype, device=like.device)
-    if jac.dim() == 0:
-        return jac.expand(batch)
+    if jac.numel() == 1:  # one number for the whole batch (a per-channel scale's, a permutation's)
+        return jac.reshape(()).expand(batch)
     if jac.numel() == batch:
         return jac.reshape(batch)
     raise ValueError(
@@ -92,12 +92,19 @@ class FrEIABlock(nn.Module):
             )
         self.module = module
 
+    @property
+    def wrapped_module(self) -> nn.Module:
+        """The FrEIA module (errors and reports name it: ``block 3 (FrEIABlock: GLOWCouplingBlock)``)."""
+        return self.module
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         y, jac = _unpack(self.module([x], rev=False, jac=True), self.module, "forward")
         return y, _as_logdet(jac, x)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        x, _ = _unpack(self.module([y], rev=True, jac=True), self.module, "rev=True")
+        # jac=False: the inverse's log-determinant is not used (and would cost, e.g., an i-ResNet's
+        # power series with autograd inside).
+        x, _ = _unpack(self.module([y], rev=True, jac=False), self.module, "rev=True")
         return x
 
 

@@ -17,12 +17,13 @@ that backward evaluates its sub-networks once instead of twice. The engine falls
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from .replay import RngTape
+if TYPE_CHECKING:
+    from .replay import RngTape
 
 __all__ = [
     "VJP",
@@ -30,6 +31,7 @@ __all__ = [
     "FusedBlock",
     "ReconstructionError",
     "block_name",
+    "block_type",
     "check_inverse_output",
     "is_block",
     "require_blocks",
@@ -116,19 +118,38 @@ def require_blocks(
     return items
 
 
+def block_type(block: nn.Module) -> str:
+    """The block's class, and the wrapped module's for adapters (``FrEIABlock: GLOWCouplingBlock``).
+
+    An adapter names what it wraps through a ``wrapped_module`` attribute.
+    """
+    name = type(block).__name__
+    inner = getattr(block, "wrapped_module", None)
+    if isinstance(inner, nn.Module):
+        name = f"{name}: {type(inner).__name__}"
+    return name
+
+
 def block_name(index: int, block: nn.Module) -> str:
-    return f"block {index} ({type(block).__name__})"
+    return f"block {index} ({block_type(block)})"
 
 
 def split_output(
     out: object, index: int, block: nn.Module, x: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Validate a block's forward output and return ``(y, logdet or None)``."""
+    """Validate a block's forward output and return ``(y, logdet or None)``.
+
+    A log-determinant that is one number for the whole batch (a Python number, or a tensor of shape
+    ``()`` or ``[1]``: a per-channel scale's, a permutation's ``0``) is the same for every sample and
+    is broadcast to ``[batch]``, as FrEIA does.
+    """
     if isinstance(out, torch.Tensor):
         y, logdet = out, None
     elif isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor):
         y, logdet = out
-        if logdet is not None and not isinstance(logdet, torch.Tensor):
+        if isinstance(logdet, (int, float)) and not isinstance(logdet, bool):
+            logdet = torch.full((y.shape[0] if y.dim() else 1,), float(logdet), dtype=y.dtype, device=y.device)
+        elif logdet is not None and not isinstance(logdet, torch.Tensor):
             raise BlockError(
                 f"revgrad: {block_name(index, block)} returned a logdet of type {type(logdet).__name__}; "
                 "forward must return y or (y, logdet) with logdet a tensor of shape [batch]"
@@ -146,10 +167,15 @@ def split_output(
             "blocks must keep the batch dimension first and unchanged"
         )
     if logdet is not None and tuple(logdet.shape) != (x.shape[0],):
-        raise BlockError(
-            f"revgrad: {block_name(index, block)} returned a logdet of shape {tuple(logdet.shape)}; "
-            f"expected [batch] = ({x.shape[0]},)"
-        )
+        if logdet.dim() == 0 or tuple(logdet.shape) == (1,):
+            logdet = logdet.reshape(()).expand(x.shape[0])
+        else:
+            raise BlockError(
+                f"revgrad: {block_name(index, block)} returned a logdet of shape {tuple(logdet.shape)}; "
+                f"expected [batch] = ({x.shape[0]},), or one number for the whole batch"
+            )
+    if logdet is not None and not logdet.is_floating_point():
+        logdet = logdet.to(y.dtype)
     return y, logdet
 
 

@@ -18,6 +18,9 @@ class BackwardReport:
             nothing was measured (anchored input, ``check="off"``).
         corrected: indices of blocks whose rebuilt input failed the check and was replaced by an
             exact recomputation from an anchor.
+        from_adaptive: indices of blocks whose rebuilt input failed the check and was replaced by the
+            input an adaptive anchor stored in forward (no recomputation needed). Every block whose
+            error exceeds ``tol`` is in ``corrected`` or here (``check="correct"``).
         evaluations: block evaluations spent in backward (inverse or forward, with or without grad).
             Plain reversible backprop spends 1 per fused block and 2 per other block.
         correction_evaluations: of those, the forward evaluations spent recomputing from anchors.
@@ -34,6 +37,7 @@ class BackwardReport:
 
     errors: list[float]
     corrected: list[int] = field(default_factory=list)
+    from_adaptive: list[int] = field(default_factory=list)
     evaluations: int = 0
     correction_evaluations: int = 0
     anchors: list[int] = field(default_factory=list)
@@ -53,7 +57,9 @@ class BackwardReport:
         return (
             f"BackwardReport(check={self.check!r}, tol={self.tol:.3g}, "
             f"blocks={len(self.errors) if self.num_blocks is None else self.num_blocks}, "
-            f"max_error={worst:.3g}, corrected={self.corrected}, evaluations={self.evaluations}, "
+            f"max_error={worst:.3g}, corrected={self.corrected}, "
+            + (f"from_adaptive={self.from_adaptive}, " if self.from_adaptive else "")
+            + f"evaluations={self.evaluations}, "
             f"correction_evaluations={self.correction_evaluations}, anchors={self.anchors}"
             + (", deferred" if self.deferred else "") + (", rerun" if self.rerun else "") + ")"
         )

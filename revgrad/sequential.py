@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .anchors import AdaptiveAnchors
-from .engine import CheckMode, EngineConfig, run_chain, run_plain
+from .engine import CheckMode, EngineConfig, _is_int, run_chain, run_plain
 from .graph_budget import GraphBudget
 from .protocol import BlockError, is_block, require_blocks
 from .report import BackwardReport
@@ -24,9 +24,9 @@ def _validated(
     check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after, graph_budget=0
 ) -> EngineConfig:
     config = EngineConfig(check, tol, anchor_every, preserve_rng_state, warn, graph_budget)
-    if not isinstance(release_after, int) or release_after < 1:
+    if not _is_int(release_after) or release_after < 1:
         raise ValueError(f"revgrad: release_after must be a positive integer, got {release_after!r}")
-    if adaptive_budget is not None and (not isinstance(adaptive_budget, int) or adaptive_budget < 0):
+    if adaptive_budget is not None and (not _is_int(adaptive_budget) or adaptive_budget < 0):
         raise ValueError(f"revgrad: adaptive_budget must be None or a number of bytes >= 0, got {adaptive_budget!r}")
     return config
 
@@ -203,6 +203,7 @@ class ReversibleSequential(nn.Sequential):
         for start, rep in sorted(self._reports.items()):
             merged.errors[start : start + len(rep.errors)] = rep.errors
             merged.corrected += [start + i for i in rep.corrected]
+            merged.from_adaptive += [start + i for i in rep.from_adaptive]
             merged.anchors += [start + i for i in rep.anchors]
             merged.evaluations += rep.evaluations
             merged.correction_evaluations += rep.correction_evaluations
@@ -284,7 +285,8 @@ def reversible(
     if not isinstance(module, nn.Module):
         raise TypeError(f"revgrad.reversible expects an nn.Module or a list of blocks, got {type(module).__name__}")
     if type(module) in (nn.Sequential, ReversibleSequential) and len(module) and all(is_block(m) for m in module):
-        return ReversibleSequential(OrderedDict(module.named_children()), **options)
+        # _modules, not named_children(): the same block twice is two steps of the chain, as in nn.Sequential.
+        return ReversibleSequential(OrderedDict(module._modules.items()), **options)
     if is_block(module):
         return ReversibleSequential(module, **options)
     if _convert_in_place(module, options) == 0:

@@ -484,7 +484,6 @@ class FusedElementwise(nn.Module):
 
 WRONG_LOGDET = {
     "shape-B-1": lambda: WrongLogdet(lambda x: (x.shape[0], 1)),
-    "scalar": lambda: WrongLogdet(lambda x: ()),
     "shape-B-plus-1": lambda: WrongLogdet(lambda x: (x.shape[0] + 1,)),
     "fused-shape-B-1": lambda: FusedElementwise(4, lambda x: (x.shape[0], 1)),
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import warnings
 
@@ -168,7 +169,8 @@ def test_nan_reconstruction_reports_inf_error():
     assert torch.isfinite(x.grad).all()
 
 
-def test_warn_switch_warns_and_logs(caplog):
+def test_warn_switch_reports_each_correction_once(caplog, monkeypatch):
+    """``warn=True``: a log record where logging is set up, else a RuntimeWarning; never both."""
     net = _drifting_chain("inverse-off-by-1%")
     x = torch.randn(2, 4, 3, 3, requires_grad=True)
     quiet = revgrad.reversible(copy.deepcopy(net))
@@ -176,9 +178,24 @@ def test_warn_switch_warns_and_logs(caplog):
         warnings.simplefilter("error")
         scalar_loss(quiet(x)).backward()  # off by default: no warning
     loud = revgrad.reversible(copy.deepcopy(net), warn=True)
-    with pytest.warns(RuntimeWarning, match=r"block 4 \(Scale\)"), caplog.at_level("WARNING", logger="revgrad"):
+    # Logging configured (pytest's capture handler sits on the root logger): one log record, no warning.
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("WARNING", logger="revgrad"):
+        warnings.simplefilter("always")
         scalar_loss(loud(x)).backward()
-    assert any("recomputed it from the anchor" in r.message for r in caplog.records)
+    records = [r for r in caplog.records if "recomputed it from the anchor" in r.getMessage()]
+    assert len(records) == len(loud.last_report.corrected) == 1
+    assert "block 4 (Scale)" in records[0].getMessage()
+    assert not [w for w in caught if "recomputed it from the anchor" in str(w.message)]
+    # Logging not configured: one warning, no log record.
+    logger = logging.getLogger("revgrad")
+    monkeypatch.setattr(logger, "propagate", False)
+    assert not logger.hasHandlers()
+    caplog.clear()
+    loud = revgrad.reversible(copy.deepcopy(net), warn=True)  # no adaptive anchor from the step above
+    with pytest.warns(RuntimeWarning, match=r"block 4 \(Scale\)") as caught:
+        scalar_loss(loud(x)).backward()
+    assert len([w for w in caught if "recomputed it from the anchor" in str(w.message)]) == 1
+    assert not [r for r in caplog.records if "recomputed" in r.getMessage()]
 
 
 def test_explicit_tol_is_used():
