@@ -1,4 +1,4 @@
-"""End-to-end training step of a Glow stage with the coupling kernels on and off (issue #4).
+"""End-to-end training step of a Glow stage with the coupling kernels on and off.
 
     python bench/glow_step.py --out results/               # CUDA when present, else CPU
 
@@ -7,13 +7,15 @@ sigmoid affine coupling]), loss = cross-entropy - mean logdet / pixels. Provider
 interleaved rounds (``revgrad.measure.time_interleaved``: median step, paired ratio to plain per round):
 
 * ``plain``: plain autograd;
-* ``revgrad-kernels``: ``check="correct"`` with ``REVGRAD_KERNELS=auto`` (the kernels on CUDA);
+* ``revgrad-kernels``: ``check="correct"`` with ``REVGRAD_KERNELS=auto`` (the kernels on CUDA; on
+  the CPU with ``TRITON_INTERPRET=1``, a dry run, ``triton``: the kernels through the interpreter);
 * ``revgrad-torch``: ``check="correct"`` with ``REVGRAD_KERNELS=torch`` (the PyTorch twins);
 * ``revgrad-off-kernels``: ``check="off"`` with the kernels.
 
 Before timing, every provider's gradients are compared with plain autograd's (relative L2 error of
 all gradients, reported). Peak memory of the step: ``torch.cuda.max_memory_allocated`` above the
-model and batch, or allocator bytes on CPU.
+model and batch, or allocator bytes on CPU. glow_step.json / glow_step.md are written once the
+gradients and peaks are known and again with the times, so a run cut short keeps the first part.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -56,11 +59,22 @@ def build(args, device: str) -> dict[str, torch.nn.Module]:
     return models
 
 
+def kernel_mode(mode: str) -> str:
+    """``auto`` runs the twins on CPU tensors; with the interpreter on and no GPU (a dry run), the
+    kernel providers run the kernels through it instead."""
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+    return "triton" if mode == "auto" and interpreting else mode
+
+
 def step(model, x, labels, mode: str) -> None:
-    with dispatch.overridden(mode):
+    with dispatch.overridden(kernel_mode(mode)):
         logits = model(x)
         nll = -model.last_logdet.mean() / x[0].numel()
         (F.cross_entropy(logits, labels) + nll).backward()
+
+
+def _num(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 def grads(model) -> torch.Tensor:
@@ -123,36 +137,42 @@ def main(argv: list[str] | None = None) -> int:
         def run(self) -> None:
             step(models[self.name], x, labels, PROVIDERS[self.name][2])
 
-    timings = time_interleaved({name: Step(name) for name in models}, rounds=args.rounds, per_round=args.steps,
-                               device=device)
-    med = {name: timings.median_ms(name) for name in models}
-    times = timings.times
-    rows = [
-        {"provider": name, "step_ms": med[name], "x_plain": timings.ratio(name),
-         "peak_mib": peak[name] / 2**20, "grad_rel_error": errors[name]}
-        for name in models
-    ]
     import triton
 
     info = {
         "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
         "triton": triton.__version__, "argv": sys.argv, "batch": args.batch, "size": args.size,
         "depth": args.depth, "hidden": args.hidden, "rounds": args.rounds, "steps": args.steps,
+        "kernels": kernel_mode("auto"),
     }
-    lines = [
-        f"Glow stage ({args.depth} x [ActNorm, LU 1x1 conv, sigmoid affine coupling], hidden {args.hidden}), "
-        f"batch [{args.batch}, 3, {args.size}, {args.size}] on {info['device']}; torch {info['torch']}, "
-        f"triton {info['triton']}",
-        "",
-        "| provider | step ms (median) | × plain | peak MiB | grad rel. error vs plain |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    lines += [f"| {r['provider']} | {r['step_ms']:.2f} | {r['x_plain']:.2f} | {r['peak_mib']:.1f} | "
-              f"{r['grad_rel_error']:.1e} |" for r in rows]
-    table = "\n".join(lines) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "glow_step.json").write_text(json.dumps({"info": info, "rows": rows, "times": times}, indent=2))
-    (args.out / "glow_step.md").write_text(table)
+
+    def save(med: dict[str, float] | None, ratio: dict[str, float] | None, times: dict | None) -> str:
+        rows = [
+            {"provider": name, "step_ms": med[name] if med else None, "x_plain": ratio[name] if ratio else None,
+             "peak_mib": peak[name] / 2**20, "grad_rel_error": errors[name]}
+            for name in models
+        ]
+        lines = [
+            f"Glow stage ({args.depth} x [ActNorm, LU 1x1 conv, sigmoid affine coupling], hidden {args.hidden}), "
+            f"batch [{args.batch}, 3, {args.size}, {args.size}] on {info['device']}; torch {info['torch']}, "
+            f"triton {info['triton']}" + ("" if med else " (no step times yet)"),
+            "",
+            "| provider | step ms (median) | × plain | peak MiB | grad rel. error vs plain |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        lines += [f"| {r['provider']} | {_num(r['step_ms'])} | {_num(r['x_plain'])} | {r['peak_mib']:.1f} | "
+                  f"{r['grad_rel_error']:.1e} |" for r in rows]
+        table = "\n".join(lines) + "\n"
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "glow_step.json").write_text(json.dumps({"info": info, "rows": rows, "times": times}, indent=2))
+        (args.out / "glow_step.md").write_text(table)
+        return table
+
+    save(None, None, None)
+    timings = time_interleaved({name: Step(name) for name in models}, rounds=args.rounds, per_round=args.steps,
+                               device=device)
+    table = save({name: timings.median_ms(name) for name in models}, {name: timings.ratio(name) for name in models},
+                 timings.times)
     print(table)
     return 0
 

@@ -1,10 +1,15 @@
-"""The fused coupling ops, each in three providers, with the bytes each must move (issue #4).
+"""The fused coupling ops, each in three providers, with the bytes each must move.
 
 Providers compute the same outputs, extra outputs included (fingerprints, log-determinants):
 
 * ``triton``: the kernels of ``revgrad.kernels`` (their launchers, no autograd);
 * ``eager``: the PyTorch twins in ``revgrad.fused`` / ``revgrad.fingerprint``, op by op;
-* ``compile``: ``torch.compile`` of the same twins (what the compiler makes of the same math).
+* ``compile``: ``torch.compile`` of the same twins (what the compiler makes of the same math): one
+  compiled function per op, dtype and shape, each with its own code object, so that no function
+  collects more than one compiled graph (dynamo keeps its cache per code object and, past
+  ``recompile_limit`` entries, 8, would run the rest eager: that silently timed eager as "compile"
+  for 2 of the 10 op x dtype variants). A variant that compiles no graph, or that would fall back
+  to eager later, raises (:func:`compiled_graphs` counts the graphs).
 
 Bandwidth is reported as the minimum bytes an op has to read and write (its inputs once, its outputs
 once) divided by the time: the number that a one-pass kernel can bring close to the device's copy
@@ -93,16 +98,46 @@ def _triton(op: str, t: Inputs) -> Callable[[], object]:
     return lambda: kernels.residual(t.x, t.r, out, t.split, False, kernels.FP_OF_A, tables)
 
 
+# The compile provider's backend ("eager" makes the tests cheap: dynamo still traces and caches).
+COMPILE_BACKEND = "inductor"
+_GRAPHS: dict[tuple, int] = {}
+
+
+def compiled_graphs(op: str, t: Inputs) -> int:
+    """How many graphs torch.compile built for ``op`` on inputs like ``t`` (0: it ran eager)."""
+    return _GRAPHS.get(_variant(op, t), 0)
+
+
+def _variant(op: str, t: Inputs) -> tuple:
+    return op, t.split, t.x.dtype, tuple(t.x.shape), t.x.device.type
+
+
 @functools.cache
-def _compiled(op: str, split: int) -> Callable[..., object]:
+def _compiled(variant: tuple) -> Callable[..., object]:
+    op, split = variant[:2]
+
     def twin(x, h, gy, gld, r):
         return _eager(op, Inputs(x, h, gy, gld, r, split))()
 
-    return torch.compile(twin, dynamic=False)
+    # A code object of its own: dynamo's cache (and its recompile limit) is per code object.
+    twin.__code__ = twin.__code__.replace(co_name=f"twin_{abs(hash(variant))}")
+    backend = torch._dynamo.lookup_backend(COMPILE_BACKEND)
+
+    def counting(gm, example_inputs):
+        _GRAPHS[variant] = _GRAPHS.get(variant, 0) + 1
+        return backend(gm, example_inputs)
+
+    return torch.compile(twin, backend=counting, dynamic=False)
 
 
 def _compile(op: str, t: Inputs) -> Callable[[], object]:
-    fn = _compiled(op, t.split)
+    if hasattr(torch._dynamo.config, "fail_on_recompile_limit_hit"):  # raise rather than run eager
+        torch._dynamo.config.fail_on_recompile_limit_hit = True
+    variant = _variant(op, t)
+    fn = _compiled(variant)
+    fn(t.x, t.h, t.gy, t.gld, t.r)
+    if not _GRAPHS.get(variant):
+        raise RuntimeError(f"torch.compile built no graph for {variant}: it would time eager as 'compile'")
     return lambda: fn(t.x, t.h, t.gy, t.gld, t.r)
 
 

@@ -1,4 +1,4 @@
-"""The measurements behind bench/RESULTS.md (issue #7) that ``revgrad bench`` does not make.
+"""The measurements behind bench/RESULTS.md that ``revgrad bench`` does not make.
 
 ``revgrad bench`` gives memory and step time vs depth on the RevNet stage; this script gives:
 
@@ -6,10 +6,12 @@
     python bench/report.py models --batch 16 --rounds 10                  # RevNet-38/110/164, Glow stage
     python bench/report.py largest-batch --budget-mib 512 --depth 32      # largest batch in a budget
 
-Every part prints a markdown table and writes JSON to ``bench/out/`` (``--json`` to choose). Same
+Every part prints a markdown table and writes JSON to ``bench/out/`` (``--json`` to choose; the
+models part rewrites it after each model, so a run cut short keeps the models it finished). Same
 providers, steps and measurements as ``revgrad bench`` (:mod:`revgrad.benchrun`): memory by the
 allocator (glibc on CPU, ``max_memory_allocated`` on CUDA), step times interleaved across providers
-with ratios to plain autograd paired per round, one torch thread on CPU unless ``--threads``.
+with ratios to plain autograd paired per round, one torch thread on CPU unless ``--threads``. The
+float64 agreement check of the models part runs on ``--device`` (on CUDA, the engine's CUDA path).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def _providers(workload: Workload, notes: list[str]) -> list[str]:
     return chosen
 
 
-def part_batch(args: argparse.Namespace, device, notes: list[str]) -> tuple[dict[str, Any], list[str]]:
+def part_batch(args: argparse.Namespace, device, notes: list[str], save) -> tuple[dict[str, Any], list[str]]:
     """Held and peak bytes per provider at each batch, stage of ``--depth`` blocks (no timing)."""
     rows: dict[str, dict[str, Any]] = {}
     lines = ["| batch | " + " | ".join(f"{p} held / peak MiB" for p in PROVIDERS) + " |",
@@ -65,7 +67,7 @@ def part_batch(args: argparse.Namespace, device, notes: list[str]) -> tuple[dict
     return {"depth": args.depth, "stage": STAGE, "results": rows}, lines
 
 
-def part_models(args: argparse.Namespace, device, notes: list[str]) -> tuple[dict[str, Any], list[str]]:
+def part_models(args: argparse.Namespace, device, notes: list[str], save) -> tuple[dict[str, Any], list[str]]:
     """Memory, step time and images/s per provider on RevNet-38/110/164 and a Glow stage."""
     workloads = [revnet_model(n, batch=args.batch) for n in ("revnet38", "revnet110", "revnet164")]
     workloads.append(glow_stage(steps=args.glow_steps, channels=12, size=16, hidden=args.glow_hidden,
@@ -79,7 +81,7 @@ def part_models(args: argparse.Namespace, device, notes: list[str]) -> tuple[dic
         providers = _providers(w, notes)
         exact = (revnet_model(w.name, batch=2, size=8) if w.name.startswith("revnet")
                  else glow_stage(steps=3, channels=12, size=4, hidden=8, batch=2))
-        agreement = {p: a.ok for p, a in compare_with_plain(exact, providers, fp32=False).items()}
+        agreement = {p: a.ok for p, a in compare_with_plain(exact, providers, fp32=False, device=device).items()}
         rows = measure_providers(w, providers, device, args.rounds, warmup=1)
         out[w.name] = {"workload": workload_info(w, device), "agrees_fp64": agreement, "results": rows}
         for p, r in rows.items():
@@ -87,11 +89,12 @@ def part_models(args: argparse.Namespace, device, notes: list[str]) -> tuple[dic
             lines.append(f"| {w.name} | {p}{flag} | {r['held_bytes'] / MIB:.1f} | {r['peak_bytes'] / MIB:.1f} | "
                          f"{r['step_ms']:.0f} | {r['images_per_s']:.1f} | {r['ratio']:.2f} | "
                          f"{100 * r['held_ratio']:.1f} |")
+        save(out, lines)
         print(f"{w.name} done", file=sys.stderr, flush=True)
     return out, lines
 
 
-def part_largest(args: argparse.Namespace, device, notes: list[str]) -> tuple[dict[str, Any], list[str]]:
+def part_largest(args: argparse.Namespace, device, notes: list[str], save) -> tuple[dict[str, Any], list[str]]:
     """Per provider, the largest batch whose step (input + peak bytes) fits ``--budget-mib``."""
     w = revnet_stage(blocks=args.depth, batch=1, **STAGE)
     providers = _providers(w, notes)
@@ -133,10 +136,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     device = resolve_device(args.device)
     notes: list[str] = []
+    path = args.json or OUT_DIR / f"report-{args.part}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(data: dict[str, Any], lines: list[str], complete: bool = False) -> None:
+        path.write_text(json.dumps({"machine": machine, "part": args.part, "notes": notes, "complete": complete,
+                                    **data, "table": lines}, indent=1, default=str))
+
     with bench_session(device, args.threads) as pinned:
         machine = machine_info(device, shlex.join(["python", "bench/report.py", *argv])) | {"malloc_pinned": pinned}
         started = time.perf_counter()
-        data, lines = PARTS[args.part](args, device, notes)
+        data, lines = PARTS[args.part](args, device, notes, save)
         machine["seconds"] = round(time.perf_counter() - started, 1)
     gpu = f" ({machine['gpu']})" if machine["gpu"] else ""
     print(f"{machine['command']}\nCPU {machine['cpu']}, {machine['threads']} torch thread(s), device "
@@ -144,10 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("\n".join(lines))
     for n in dict.fromkeys(notes):
         print(f"note: {n}")
-    path = args.json or OUT_DIR / f"report-{args.part}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"machine": machine, "part": args.part, "notes": notes, **data}, indent=1,
-                               default=str))
+    save(data, lines, complete=True)
     print(f"wrote {path}")
     return 0
 

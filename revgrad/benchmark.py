@@ -697,8 +697,8 @@ def exactness_config(cfg: StageConfig) -> StageConfig:
     return replace(cfg, batch=min(cfg.batch, 8), size=min(cfg.size, 8))
 
 
-def _step_in(provider: str, workload: Workload, dtype: torch.dtype) -> StepResult:
-    return run_step(workload.build(provider, dtype), workload.input(dtype), workload.seed)
+def _step_in(provider: str, workload: Workload, dtype: torch.dtype, device: torch.device | str) -> StepResult:
+    return run_step(workload.build(provider, dtype, device), workload.input(dtype, device), workload.seed)
 
 
 def compare_with_plain(
@@ -706,27 +706,31 @@ def compare_with_plain(
     providers: Sequence[str] = PROVIDERS,
     exact: Workload | None = None,
     fp32: bool = True,
+    device: torch.device | str = "cpu",
 ) -> dict[str, Agreement]:
     """One step of every provider from the same weights and data, against plain autograd's step.
 
     float64 on ``exact`` (default: ``workload`` itself; pass a smaller one, float64 is slow on CPU),
     float32 on ``workload`` (skipped with ``fp32=False``); the float32 noise is plain float32 against
-    plain float64, both on ``workload``. Providers that cannot run the workload here are left out.
-    A provider that raises is reported with the error, not hidden.
+    plain float64, both on ``workload``. Everything runs on ``device``: on CUDA that is the engine's
+    CUDA path (deferred checks, CUDA generators) that the timed runs take. Providers that cannot run
+    the workload here are left out. A provider that raises is reported with the error, not hidden.
     """
     exact = exact or workload
-    ref64_exact = _step_in("plain", exact, torch.float64)
+    ref64_exact = _step_in("plain", exact, torch.float64, device)
     noise = ref32 = None
     if fp32:
-        ref32 = _step_in("plain", workload, torch.float32)
-        noise = Errors.between(ref32, ref64_exact if exact is workload else _step_in("plain", workload, torch.float64))
+        ref32 = _step_in("plain", workload, torch.float32, device)
+        ref64 = ref64_exact if exact is workload else _step_in("plain", workload, torch.float64, device)
+        noise = Errors.between(ref32, ref64)
     out: dict[str, Agreement] = {}
     for provider in providers:
         if unavailable(provider, workload) is not None:
             continue
         try:
-            e64 = Errors.between(_step_in(provider, exact, torch.float64), ref64_exact)
-            e32 = None if ref32 is None else Errors.between(_step_in(provider, workload, torch.float32), ref32)
+            e64 = Errors.between(_step_in(provider, exact, torch.float64, device), ref64_exact)
+            e32 = None if ref32 is None else Errors.between(_step_in(provider, workload, torch.float32, device),
+                                                            ref32)
         except Exception as exc:  # a provider that crashes is reported, not hidden
             out[provider] = Agreement(provider, Errors.failed(), None, noise, error=repr(exc))
             continue

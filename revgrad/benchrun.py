@@ -146,12 +146,14 @@ def _providers(settings: BenchSettings, notes: list[str]) -> list[str]:
     return chosen
 
 
-def _check(settings: BenchSettings, providers: list[str], notes: list[str]) -> dict[str, dict[str, Any]]:
-    """float64 agreement of every provider with plain autograd on a small copy of the stage (CPU)."""
+def _check(settings: BenchSettings, providers: list[str], notes: list[str],
+           device: torch.device) -> dict[str, dict[str, Any]]:
+    """float64 agreement of every provider with plain autograd on a small copy of the stage, on the
+    device measured (on CUDA: the engine's CUDA path)."""
     small = revnet_stage(blocks=min(min(settings.depths), 8), batch=2, channels=settings.channels,
                          size=min(settings.size, 8), seed=settings.seed)
     out = {}
-    for p, a in compare_with_plain(small, providers, fp32=False).items():
+    for p, a in compare_with_plain(small, providers, fp32=False, device=device).items():
         out[p] = {"agrees": a.ok, "max_fp64_error": a.max_fp64_error, "summary": a.summary()}
         if not a.ok:
             notes.append(f"{p}: DISAGREES with plain autograd in float64 ({a.summary()}); its numbers are not "
@@ -327,7 +329,7 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, command: str | 
             "workload": info,
             "providers": providers,
             "notes": notes,
-            "agreement": _check(settings, providers, notes) if settings.check else None,
+            "agreement": _check(settings, providers, notes, device) if settings.check else None,
             "results": {p: {} for p in providers},
             "held_bytes_per_block": {},
             "largest_batch": None,

@@ -2,8 +2,11 @@
 
 Marked ``cuda`` and skipped without a GPU (``bench/gpu_suite.sh`` runs them whenever one is lent).
 ``REVGRAD_TEST_DEVICE=cpu`` (with ``TRITON_INTERPRET=1``) runs the same tests on the CPU, to check
-the tests themselves where no GPU is at hand. Kernels are on by default on CUDA
-(``REVGRAD_KERNELS=auto``), so these tests also cover the kernels inside the engine.
+the tests themselves where no GPU is at hand, through the code path CUDA takes: ``tests/conftest.py``
+forces the kernels (through the interpreter: one tensor per block, fingerprints inside the kernels)
+and deferred checks, which CPU tensors would otherwise not take. Kernels are on by default on CUDA
+(``REVGRAD_KERNELS=auto``), so these tests also cover the kernels inside the engine. Float32
+convolutions run in IEEE float32 (``tests/conftest.py``; cuDNN's default is TF32).
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ def test_healthy_chain_matches_plain_autograd(check):
     if check != "off":
         assert not rev.last_report.corrected
         assert rev.last_report.max_error < 1e-5
-        # On CUDA the checks are settled with one host sync per backward, not one per block.
-        assert rev.last_report.deferred == (torch.device(DEVICE).type == "cuda")
+        # On CUDA the checks are settled with one host sync per backward, not one per block (the
+        # CPU dry run forces the same, tests/conftest.py).
+        assert rev.last_report.deferred
 
 
 def test_exploding_chain_is_corrected():
@@ -66,6 +70,30 @@ def test_exploding_chain_is_corrected():
     rev = _grads_vs_plain_fp64(chain, x, "correct", 1e-4)
     assert rev.last_report.corrected
     assert rev.last_report.rerun == (torch.device(DEVICE).type == "cuda")  # the deferred pass failed
+
+
+def test_cuda_tests_run_in_ieee_float32_and_on_the_cuda_code_path(monkeypatch):
+    """The conditions the other tests assume: IEEE float32 convolutions (not TF32), and on the CPU dry
+    run the kernels and deferred checks, as on CUDA: an additive chain runs its residual kernels."""
+    from conftest import IEEE_FLOAT32, float32_precision
+
+    from revgrad import dispatch, engine
+
+    assert float32_precision() == IEEE_FLOAT32
+    assert dispatch.use_kernels(torch.zeros(2, device=DEVICE))
+    assert engine.DEFER_CHECKS == "always" or torch.device(DEVICE).type == "cuda"
+    calls = []
+    real = dispatch.kernels().residual
+    monkeypatch.setattr(dispatch.kernels(), "residual", lambda *a: calls.append(a[5]) or real(*a))
+    torch.manual_seed(2)
+    rev = revgrad.reversible(nn.Sequential(*[
+        revgrad.AdditiveCoupling(nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)) for _ in range(3)
+    ]).to(DEVICE))
+    x = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
+    rev(x).square().sum().backward()
+    assert rev.last_report.deferred
+    # Residual kernels ran with the fingerprint folded in, in forward (of a) and backward (of out).
+    assert 1 in calls and 2 in calls, calls
 
 
 def test_dropout_masks_replayed():
