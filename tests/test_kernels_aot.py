@@ -1,12 +1,12 @@
 """The kernels compile for CUDA ahead of time, without a GPU: ``bench/kernel_aot.py`` under test.
 
-Every ``@triton.jit`` kernel of ``kernels/``, in every specialization its launcher makes (storage
-dtypes incl. autocast's float32 input with a bf16/fp16 conditioner output, scale kinds, fingerprint
-on/off, add/subtract, two geometries), compiles for sm_80 and sm_90 with the installed Triton, and
-the wheel's ``ptxas -v`` reports no spills; every grid stays within CUDA's limits, also for a batch
-above 65535. The script runs once per session in a subprocess without ``TRITON_INTERPRET`` (the
-kernels must be real JIT functions); CI runs this file with Triton 3.9 and 3.6. About 30-60 s on
-2 cores (~190 compilations).
+Every ``@triton.jit`` kernel of ``kernels/``, in each specialization its launcher makes over the
+script's case matrix (storage dtypes incl. autocast's float32 input with a bf16 conditioner output,
+scale kinds, fingerprint on/off, add/subtract, two geometries), compiles for sm_80 and sm_90 with
+the installed Triton, and the wheel's ``ptxas -v`` reports no spills; every grid stays within
+CUDA's limits, also for a batch above 65535. The script runs once per module in a subprocess
+without ``TRITON_INTERPRET`` (the kernels must be real JIT functions); CI runs this file with
+Triton 3.9 and 3.6. 82 specializations, 164 compilations: 45-50 s on 2 cores shared with other work.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def test_the_matrix_reaches_every_mode(aot):
     included), scale kinds, fingerprint on/off, add/subtract and each fingerprint source."""
     fwd = _variants(aot, "_affine_fwd_kernel", "x_ptr", "h_ptr", "KIND", "WANT_FP")
     assert {(x, h) for x, h, _, _ in fwd} == {("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*fp16", "*fp16"),
-                                              ("*fp32", "*bf16"), ("*fp32", "*fp16")}
+                                              ("*fp32", "*bf16")}
     assert {(k, fp) for x, h, k, fp in fwd if (x, h) == ("*fp32", "*bf16")} == {
         (k, fp) for k in ("0", "1", "2") for fp in ("True", "False")}
     bwd = _variants(aot, "_affine_bwd_kernel", "y_ptr", "h_ptr", "KIND", "HAS_GLD")
