@@ -64,7 +64,9 @@ def test_every_specialization_compiles_for_sm80_and_sm90_without_spills(aot):
     assert aot["compiles"] == 2 * aot["specializations"] == len(aot["rows"])
     targets = {(row["arch"], row["ptx_target"]) for row in aot["rows"]}
     assert targets == {("sm_80", "sm_80"), ("sm_90", "sm_90a")}, targets
-    assert all(row["registers"] <= 128 for row in aot["rows"]), "register pressure crept back"
+    # 64-72 with the fingerprint folded in; the [chunks, 128, M] product at once took up to 168 and spilled.
+    worst = max(aot["rows"], key=lambda row: row["registers"])
+    assert worst["registers"] <= 80, f"register pressure crept back: {worst['label']} on {worst['arch']}: {worst}"
 
 
 def test_every_kernel_is_launched_by_a_case(aot):
