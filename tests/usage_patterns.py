@@ -40,6 +40,8 @@ TOL64 = 1e-10  # float64: rounding only
 TOL32 = 1e-5  # float32 chains of a few blocks (stated per pattern where another value is used)
 
 EQUAL, CLEAR, SILENT, CRASH, TEST_BUG = "equal", "clear error", "silent wrong", "crash", "test bug"
+SKIPPED = "skipped"  # an optional peer library is not installed
+OPTIONAL_PEERS = ("memcnn", "normflows", "FrEIA", "revlib")
 CLEAR_TYPES: tuple[type[BaseException], ...] = (
     revgrad.BlockError, revgrad.ReconstructionError, TypeError, ValueError, RuntimeError,
 )
@@ -416,11 +418,15 @@ def run_pattern(p: Pattern) -> Result:
             outcome, detail = SILENT, first_line(str(e), 240)
         except ReferenceFailure as e:
             outcome, detail = TEST_BUG, first_line(str(e))
+        except ModuleNotFoundError as e:
+            if e.name not in OPTIONAL_PEERS:
+                raise
+            outcome, detail = SKIPPED, f"{e.name} is not installed"
         except Exception as e:
             outcome, detail = classify_error(p, e)
         finally:
             torch.set_grad_enabled(grad_mode)
-    return Result(p.name, outcome, detail, time.perf_counter() - start, outcome in p.allowed)
+    return Result(p.name, outcome, detail, time.perf_counter() - start, outcome in (*p.allowed, SKIPPED))
 
 
 def table(results: list[Result], patterns: dict[str, Pattern]) -> str:
