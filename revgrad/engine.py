@@ -61,6 +61,8 @@ from .replay import (
     recording,
 )
 from .report import BackwardReport
+from . import sensitivity
+from .sensitivity import BUDGET, DEFAULT_PROBE_EVERY, Sensitivity, perturbed, relative_change
 
 __all__ = ["CHECK_MODES", "EngineConfig", "run_chain", "run_plain"]
 
@@ -84,6 +86,8 @@ class EngineConfig:
         warn: emit a ``RuntimeWarning`` and a ``logging`` record on each correction.
         graph_budget: bytes of autograd graphs the last blocks of a chain may keep instead of being
             recomputed in backward (:mod:`revgrad.graph_budget`); 0 keeps none.
+        probe_every: measure the VJPs' sensitivity to their activations in the first backward and
+            then every so many (:mod:`revgrad.sensitivity`); 0 checks activations against ``tol`` only.
     """
 
     check: CheckMode = "correct"
@@ -92,6 +96,7 @@ class EngineConfig:
     preserve_rng_state: bool = True
     warn: bool = False
     graph_budget: int = 0
+    probe_every: int = DEFAULT_PROBE_EVERY
 
     def __post_init__(self) -> None:
         if self.check not in CHECK_MODES:
@@ -105,6 +110,8 @@ class EngineConfig:
             raise ValueError(f"revgrad: anchor_every must be a positive integer or None, got {self.anchor_every!r}")
         if not _is_int(self.graph_budget) or self.graph_budget < 0:
             raise ValueError(f"revgrad: graph_budget must be a number of bytes >= 0, got {self.graph_budget!r}")
+        if not _is_int(self.probe_every) or self.probe_every < 0:
+            raise ValueError(f"revgrad: probe_every must be an integer >= 0 (0: no probes), got {self.probe_every!r}")
         for name in ("preserve_rng_state", "warn"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"revgrad: {name} must be True or False, got {getattr(self, name)!r}")
@@ -142,6 +149,12 @@ def _accepts(cls: type, keyword: str) -> bool:
 # torch.autograd.grad): the engine evaluates them with grad enabled on a detached input and keeps no
 # graph. Learned the first time such a block fails under no_grad.
 _GRAD_INSIDE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+# Tolerances at or above this store fingerprints in float32 (relative rounding 6e-8, far below).
+_FLOAT32_FINGERPRINTS = 1e-6
+# A tolerance below this fraction of the default is under the fingerprint's noise floor (5.6e-7 of
+# 1e-5 in float32, docs/architecture.md, "Tolerances"): an adaptive anchor there is used as exact.
+_UNRESOLVABLE = 1 / 20
 
 
 def _detached(out):
@@ -253,7 +266,7 @@ _DIRECTIONS = {"forward": _Forward, "inverse": _Inverse}
 
 @dataclass
 class _Record:
-    """What forward keeps about one block's input: a few bytes plus a fingerprint."""
+    """What forward keeps about one block's input (its fingerprint is a saved tensor of the Function)."""
 
     shape: torch.Size
     dtype: torch.dtype
@@ -261,7 +274,6 @@ class _Record:
     tape: RngTape | None
     buffers: BufferGuard
     modes: tuple[bool, ...]  # the training flag of each of the block's modules (BlockSlots.modules)
-    fingerprint: torch.Tensor | None
     has_logdet: bool
     fused: bool
     two_part: bool = False  # forward handed this block its input as halves (revgrad.halves)
@@ -288,6 +300,7 @@ class _Chain:
     graphs: GraphBudget | None = None  # measures graph sizes in backward for the kept-graph budget
     shape: tuple[int, ...] = ()  # the chain input's shape (graph sizes are per shape)
     kept_above: list[int] = field(default_factory=list)  # labels of the kept blocks after this chain
+    sensitivity: Sensitivity | None = None  # gradient-aware tolerances (revgrad.sensitivity)
 
 
 def _collect_params(blocks: list[nn.Module]) -> tuple[list[torch.Tensor], list[list[int]], list[BlockSlots]]:
@@ -424,9 +437,15 @@ class _RevBackprop(torch.autograd.Function):
         adaptive = chain.adaptive.indices if (cfg.check == "correct" and chain.adaptive) else frozenset()
         stored = regular | adaptive
 
+        tol = cfg.tol if cfg.tol is not None else default_tol(_compute_dtype(x, autocast))
+        # Fingerprints are stored in float32 where the tolerance is far above its rounding (6e-8):
+        # half the bytes, which matter for small samples (8 numbers per sample and block).
+        fp_dtype = torch.float32 if tol >= _FLOAT32_FINGERPRINTS else torch.float64
         records: list[_Record] = []
         anchor_at: list[int] = []
         anchor_tensors: list[torch.Tensor] = []
+        fp_at: list[int] = []
+        fp_tensors: list[torch.Tensor] = []
         logdet: torch.Tensor | None = None
         h: torch.Tensor | Halves = x
         for i, block in enumerate(chain.blocks):
@@ -456,9 +475,12 @@ class _RevBackprop(torch.autograd.Function):
                 anchor_at.append(i)
                 anchor_tensors.append(halves.full(h))
                 fp = None
+            if fp is not None:
+                fp_at.append(i)
+                fp_tensors.append(fp.to(fp_dtype))
             records.append(
                 _Record(h.shape, h.dtype, _nbytes(h), tape, BufferGuard.after(buffers, keep_after=not fused), modes,
-                        fp, ld is not None, fused, two_part)
+                        ld is not None, fused, two_part)
             )
             if ld is not None:
                 logdet = ld if logdet is None else logdet + ld
@@ -469,13 +491,16 @@ class _RevBackprop(torch.autograd.Function):
         ctx.records = records
         ctx.autocast = autocast
         ctx.anchor_at = anchor_at
+        ctx.fp_at = fp_at
         ctx.adaptive_at = adaptive
         ctx.regular = regular
         ctx.has_logdet = logdet is not None
         # Parameters changed in place before backward would be recomputed with their new values.
         ctx.param_versions = [p._version for p in chain.params]
-        ctx.tol = cfg.tol if cfg.tol is not None else default_tol(_compute_dtype(x, autocast))
-        ctx.save_for_backward(h, *anchor_tensors)
+        ctx.tol = tol
+        # Everything backward needs goes through save_for_backward: an in-place change to the output or
+        # an anchor is an autograd error, saved-tensor hooks see it all, and it is freed after backward.
+        ctx.save_for_backward(h, *anchor_tensors, *fp_tensors)
         if logdet is None:
             return h
         return h, logdet
@@ -489,10 +514,11 @@ class _RevBackprop(torch.autograd.Function):
                 "chain's blocks without revgrad.reversible for higher-order gradients."
             )
         saved = ctx.saved_tensors  # raises if the graph was already freed or y was modified in place
-        y, anchors = saved[0], dict(zip(ctx.anchor_at, saved[1:]))
+        k = 1 + len(ctx.anchor_at)
+        y, anchors, fingerprints = saved[0], dict(zip(ctx.anchor_at, saved[1:k])), dict(zip(ctx.fp_at, saved[k:]))
         chain: _Chain = ctx.chain
         _refuse_changed_state(chain, ctx.records, ctx.param_versions, "between forward and backward")
-        engine = _Backward(ctx, chain, anchors, deferred=_defer_checks(chain, y))
+        engine = _Backward(ctx, chain, anchors, fingerprints, deferred=_defer_checks(chain, y))
         grad_logdet = rest[0] if ctx.has_logdet else None
         with ctx.autocast.replay():
             grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
@@ -500,9 +526,11 @@ class _RevBackprop(torch.autograd.Function):
                 # A deferred check failed: what was derived below that block is wrong. Run the pass
                 # again with a check per block, which corrects from the anchors.
                 spent = engine.report.evaluations
-                engine = _Backward(ctx, chain, anchors, deferred=False)
+                engine = _Backward(ctx, chain, anchors, fingerprints, deferred=False)
                 engine.report.evaluations, engine.report.deferred, engine.report.rerun = spent, True, True
                 grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
+        if engine.sens is not None:
+            engine.sens.finish(engine.probing)
         engine.publish()
         return (None, grad_x, *grads)
 
@@ -544,6 +572,8 @@ if DEFER_CHECKS not in ("auto", "always", "never"):
 def _defer_checks(chain: _Chain, y: torch.Tensor) -> bool:
     if chain.config.check == "off" or DEFER_CHECKS == "never":
         return False
+    if chain.sensitivity is not None and chain.sensitivity.probing():
+        return False  # a probe decides per block
     if DEFER_CHECKS != "always" and y.device.type != "cuda":
         return False
     # Module backward hooks inside the blocks must fire once per step, as in plain autograd; a
@@ -559,7 +589,10 @@ def _defer_checks(chain: _Chain, y: torch.Tensor) -> bool:
 class _Backward:
     """One backward pass through a chain (state that lives only while it runs)."""
 
-    def __init__(self, ctx, chain: _Chain, anchors: dict[int, torch.Tensor], deferred: bool = False) -> None:
+    def __init__(
+        self, ctx, chain: _Chain, anchors: dict[int, torch.Tensor], fingerprints: dict[int, torch.Tensor],
+        deferred: bool = False,
+    ) -> None:
         self.chain = chain
         self.deferred = deferred
         # Deferred checks: (block, error as a 0-dim tensor, adaptive anchor?), settled at the end.
@@ -567,15 +600,23 @@ class _Backward:
         self.records: list[_Record] = ctx.records
         self.param_versions: list[int] = ctx.param_versions
         self.anchors = anchors
+        self.fingerprints = fingerprints
         self.adaptive_at: frozenset[int] = ctx.adaptive_at
         self.regular: frozenset[int] = ctx.regular
         self.tol: float = ctx.tol
         self.exact: dict[int, torch.Tensor] = {}
         n = len(chain.blocks)
+        self.trusted: set[int] = {n}  # activations known exact in this pass (index of the block taking them)
+        self.sens = chain.sensitivity if chain.config.check != "off" else None
+        self.probing = self.sens is not None and self.sens.probing()
         self.report = BackwardReport(
             errors=[math.nan] * n, check=chain.config.check, tol=self.tol, anchors=sorted(anchors),
-            deferred=deferred,
+            deferred=deferred, probed=self.probing, sensitivity=[math.nan] * n if self.probing else [],
         )
+
+    def _tol(self, i: int) -> float:
+        """The tolerance of block ``i``'s input: ``tol``, tightened by its VJPs' sensitivity."""
+        return self.tol if self.sens is None else self.sens.tol(i, self.tol)
 
     def run(self, y: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None, need_x: bool):
         chain = self.chain
@@ -595,6 +636,8 @@ class _Backward:
             meter = self._meter(i, block)
             with meter if meter is not None else contextlib.nullcontext():
                 x, vjp = self._input_of(i, block, rec, h, bparams, gy)
+                fused_vjp = vjp is not None  # a closure built from the output; else a recompute from x
+                y_kept = h if self.probing else None
                 h = None  # y is rebuilt into x: below the saved output, nothing else holds it
                 if vjp is not None:
                     gx, gps = vjp(gy, gld)
@@ -603,6 +646,10 @@ class _Backward:
                     gx, gps = self._recompute_vjp(
                         i, block, rec, halves.full(x), halves.full(gy), gld, bparams, i > 0 or need_x
                     )
+                if self.probing:
+                    x, gx, gps = self._probe(i, block, rec, y_kept, x, fused_vjp, gy, gld, bparams, gx, gps,
+                                             i > 0 or need_x)
+                    y_kept = None
             if meter is not None:
                 chain.graphs.record(chain.labels[i], chain.shape, meter.total, rec.nbytes)
             for j, g in zip(chain.block_params[i], gps):
@@ -637,7 +684,12 @@ class _Backward:
         exact = self.anchors.get(i)
         if exact is None:
             exact = self.exact.pop(i, None)
-        if exact is not None and i not in self.adaptive_at:
+        if exact is not None and (i not in self.adaptive_at or self._tol(i) < _UNRESOLVABLE * self.tol):
+            # A regular anchor; or an adaptive one whose tolerance (tightened by its VJPs' sensitivity)
+            # is below what a fingerprint resolves: a rebuild would fail its check anyway.
+            if i in self.adaptive_at:
+                self.chain.adaptive.observe(i, False)
+            self.trusted.add(i)
             if rec.fused and bparams is not None and _accepts(type(block), "exact"):
                 # The block differentiates at the exact input in its own fused pass, which is
                 # cheaper than the generic recompute of the whole block through autograd.
@@ -652,24 +704,28 @@ class _Backward:
                 self.pending.append((i, error, True))
                 return x, vjp
             err = self._measure(error, i)
-            clean = err <= self.tol
+            clean = err <= self._tol(i)
             self.chain.adaptive.observe(i, clean)
             if clean:
                 return x, vjp
             self.report.from_adaptive.append(i)
+            self.trusted.add(i)
             return exact, None
-        if rec.fingerprint is None:
+        stored = self.fingerprints.get(i)
+        if stored is None:
             return x, vjp
-        error = relative_error(_fingerprint(x) if fp is None else fp, rec.fingerprint)
+        # Rounded as the stored one was: an exact rebuild measures 0.
+        error = relative_error((_fingerprint(x) if fp is None else fp).to(stored.dtype), stored)
         if self.deferred:
             self.pending.append((i, error, False))  # go on as if clean; settle() decides
             return x, vjp
         err = self._measure(error, i)
-        if err <= self.tol:
+        tol = self._tol(i)
+        if err <= tol:
             return x, vjp
         if self.chain.config.check == "detect":
-            raise ReconstructionError(self.chain.labels[i], block_type(block), err, self.tol)
-        return self._correct(i, err), None
+            raise ReconstructionError(self.chain.labels[i], block_type(block), err, tol)
+        return self._correct(i, err, tol), None
 
     def _rebuild(
         self, i, block, rec, y, bparams, gy, exact=None
@@ -681,7 +737,7 @@ class _Backward:
         self.report.evaluations += 1
         label = self.chain.labels[i]
         if rec.fused and bparams is not None:
-            wanted = exact is None and (rec.fingerprint is not None or i in self.adaptive_at)
+            wanted = exact is None and (i in self.fingerprints or i in self.adaptive_at)
             request = FingerprintRequest(None) if wanted else None
             aliasing = ParamAliases(self.chain.slots[i]).swap(bparams)
             with self._as_in_forward(i), aliasing as aliases, requesting(request):
@@ -719,12 +775,12 @@ class _Backward:
         for (i, _, _), value in zip(self.pending, values):
             value = math.inf if math.isnan(value) else value
             self.report.errors[i] = value
-            if not value <= self.tol:
+            if not value <= self._tol(i):
                 failed.append(i)
         if failed and self.chain.config.check == "detect":
             i = max(failed)
             raise ReconstructionError(
-                self.chain.labels[i], block_type(self.chain.blocks[i]), self.report.errors[i], self.tol
+                self.chain.labels[i], block_type(self.chain.blocks[i]), self.report.errors[i], self._tol(i)
             )
         if failed:
             return False
@@ -740,8 +796,9 @@ class _Backward:
         self.report.errors[i] = value
         return value
 
-    def _correct(self, i: int, err: float) -> torch.Tensor:
+    def _correct(self, i: int, err: float, tol: float) -> torch.Tensor:
         """Recompute block i's exact input from the nearest anchor below; cache the segment."""
+        self.trusted.add(i)
         chain = self.chain
         start = max(a for a in self.anchors if a < i)
         h = self.anchors[start]
@@ -761,7 +818,7 @@ class _Backward:
         if chain.config.warn:
             msg = (
                 f"revgrad: {block_name(chain.labels[i], chain.blocks[i])} rebuilt its input with relative "
-                f"error {err:.3g} > tol {self.tol:.3g}; recomputed it from the anchor at block "
+                f"error {err:.3g} > tol {tol:.3g}; recomputed it from the anchor at block "
                 f"{chain.labels[start]}"
             )
             # Once: to the log where logging is set up for revgrad (or the root logger), else as a warning.
@@ -770,6 +827,67 @@ class _Backward:
             else:
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return self.exact.pop(i)
+
+    # -- gradient-aware checks: a probe of the VJP's sensitivity (revgrad.sensitivity) -----------
+
+    def _probe(self, i, block, rec, y, x, fused_vjp, gy, gld, bparams, gx, gps, need_gx):
+        """Measure how far block i's VJP moves when the activation it is computed from moves as far as
+        this pass's rebuild of it is off; if that is too far, use the exact activation instead.
+        Returns ``(x, gx, gps)``, corrected where needed."""
+        n = len(self.chain.blocks)
+        # A fused closure is built from the output (the input is rebuilt from it), a recompute from x.
+        key = i + 1 if fused_vjp else i
+        # Activations stored for good (regular anchors, inputs kept for their randomness) are always
+        # exact; the others are measured even when exact in this pass (an adaptive anchor), so that
+        # their tolerance is known when they are rebuilt again.
+        if key >= n or (key in self.anchors and key not in self.adaptive_at):
+            return x, gx, gps
+        if self.chain.slots[i].hooks or _has_hooks(block) or _global_module_hooks():
+            return x, gx, gps  # a probe evaluates the block again: its hooks must fire once
+        rebuilt = key not in self.trusted
+        err = self.report.errors[key] if rebuilt else math.nan
+        # The move: as large as this pass's measured error of the activation (the scale whose effect
+        # matters; ReLU networks' VJPs jump where a larger move crosses kinks), at least a rounding's.
+        eps = max(0.0 if math.isnan(err) else err, self.tol * sensitivity.SMALLEST_MOVE)
+        base = [None if gx is None else halves.full(gx), *gps]
+        # Random directions of the actual error's size, the largest change: a ReLU network's VJP jumps
+        # where a move crosses a kink, and the actual error crosses those a random move of its size
+        # crosses (about as often); a smooth sensitivity shows in every direction.
+        moves = []
+        for d in range(sensitivity.DIRECTIONS):
+            seed = self.sens.steps * sensitivity.DIRECTIONS + d
+            if fused_vjp:
+                moved = perturbed(halves.full(y), eps, seed)
+                exact = x if i in self.trusted and _accepts(type(block), "exact") else None
+                _, vjp, _ = self._rebuild(i, block, rec, halves.split(moved) if rec.two_part else moved, bparams, gy,
+                                          None if exact is None else halves.full(exact))
+                got = vjp(gy, gld)
+            else:
+                got = self._recompute_vjp(i, block, rec, perturbed(halves.full(x), eps, seed), halves.full(gy), gld,
+                                          bparams, need_gx)
+            moves.append(relative_change([None if got[0] is None else halves.full(got[0]), *got[1]], base))
+        s = max(moves) / eps
+        self.sens.observe(key, s)
+        self.report.sensitivity[i] = s
+        bound = self.tol * min(1.0, BUDGET / s) if s > 0 else self.tol
+        if not rebuilt or math.isnan(err) or err <= bound:
+            return x, gx, gps
+        chain = self.chain
+        if chain.config.check == "detect":
+            raise ReconstructionError(
+                chain.labels[key], block_type(chain.blocks[key]), err, bound,
+                f"the VJP of {block_name(chain.labels[i], block)} moves {s:.3g} times as much (relative) as this "
+                "activation, so the gradient would be off by far more than the tolerance",
+            )
+        exact = self._correct(key, err, bound)
+        if not fused_vjp:
+            return exact, *self._recompute_vjp(i, block, rec, exact, halves.full(gy), gld, bparams, need_gx)
+        # Block i's output was rebuilt too far off for its VJP: rebuild block i from the exact one.
+        form = halves.split if rec.two_part else halves.full
+        x, vjp = self._input_of(i, block, rec, form(exact), bparams, gy)
+        if vjp is None:
+            return x, *self._recompute_vjp(i, block, rec, halves.full(x), halves.full(gy), gld, bparams, need_gx)
+        return x, *vjp(gy, gld)
 
     # -- step 3: the VJP at the (trusted) input ---------------------------------------------------
 
@@ -832,6 +950,7 @@ def run_chain(
     graphs: GraphBudget | None = None,
     shape: tuple[int, ...] = (),
     kept_above: list[int] | None = None,
+    sensitivity: Sensitivity | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run ``blocks`` on ``x`` (shape ``[B, ...]``) with memory-saving backprop.
 
@@ -841,6 +960,8 @@ def run_chain(
     block in messages (default: its position in ``blocks``). ``graphs`` measures the blocks' graph
     sizes in backward for a kept-graph budget (``shape``: the key they are stored under;
     ``kept_above``: labels of the blocks kept after this chain, whose sizes count first).
+    ``sensitivity``: the run's gradient-aware tolerances, kept across calls (None: checks against
+    ``tol`` only).
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"revgrad: {name} expects a tensor input, got {type(x).__name__}")
@@ -867,5 +988,5 @@ def run_chain(
     if adaptive is not None:
         adaptive.forget_beyond(len(blocks))
     chain = _Chain(blocks, labels, steps, config, params, per_block, slots, owner, adaptive, graphs, shape,
-                   list(kept_above or []))
+                   list(kept_above or []), sensitivity)
     return _RevBackprop.apply(chain, x, *params)

@@ -90,6 +90,13 @@ def _chunk_weights(dim: int, directions: int, device: torch.device, dtype: torch
     return within, flips
 
 
+@functools.lru_cache(maxsize=64)
+def _one_chunk_weights(dim: int, directions: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[dim, m]`` weights of a sample of at most one chunk: ``within[:dim] * flips[0]``."""
+    within, flips = _chunk_weights(dim, directions, device, dtype)
+    return (within[:dim] * flips[0]).contiguous()
+
+
 def sign_tables(
     dim: int, device: torch.device, directions: int = DEFAULT_DIRECTIONS
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,6 +166,10 @@ def fingerprint_reference(
     if flat.dtype != acc:
         flat = flat.to(acc)
     batch, dim = flat.shape
+    if first_chunk == 0 and dim_total is None and dim <= CHUNK:
+        # One chunk: one product with the combined weights. Small activations are checked often
+        # (every block of a small flow), and there the per-op overhead of the chunked path showed.
+        return (flat @ _one_chunk_weights(dim, directions, flat.device, acc)).to(torch.float64)
     # Flips in the accumulation dtype: the product rounds once in float32 (half an ulp, less than the
     # chunk sum it scales already did), and sum(dtype=float64) widens on the fly, so no float64 copy
     # of the partial sums is made.

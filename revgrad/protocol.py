@@ -49,15 +49,16 @@ class BlockError(RuntimeError):
 class ReconstructionError(RuntimeError):
     """A rebuilt block input disagreed with the fingerprint stored in forward (``check="detect"``)."""
 
-    def __init__(self, block: int, block_type: str, error: float, tol: float) -> None:
+    def __init__(self, block: int, block_type: str, error: float, tol: float, why: str | None = None) -> None:
         self.block = block
         self.block_type = block_type
         self.error = error
         self.tol = tol
+        why = why or "its inverse is numerically unstable here"
         super().__init__(
             f"revgrad: block {block} ({block_type}) rebuilt its input with relative error {error:.3g} "
-            f"(tolerance {tol:.3g}); its inverse is numerically unstable here. Use check='correct' "
-            "to recompute such inputs exactly from stored anchors."
+            f"(tolerance {tol:.3g}); {why}. Use check='correct' to recompute such inputs exactly "
+            "from stored anchors."
         )
 
 

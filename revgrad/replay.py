@@ -399,13 +399,13 @@ class BlockSlots:
     shared by two modules has two slots); ``trainable``: those parameters, each once, in
     ``block.parameters()`` order; ``buffers``: every ``(module, name)`` slot holding a buffer;
     ``modules``: the block's modules, each once (their training modes are replayed in backward);
-    ``backward_hooks``: whether any of its modules has a backward (pre-)hook. One walk serves the
+    ``backward_hooks``: whether any of its modules has a backward (pre-)hook; ``hooks``: any hook. One walk serves the
     engine's parameter list, the buffer snapshots, the modes and the parameter aliases: walking the
     module tree with ``modules()``/``parameters()`` several times per block and step was a visible
     part of the engine's per-block overhead on small blocks.
     """
 
-    __slots__ = ("backward_hooks", "buffers", "modules", "params", "trainable")
+    __slots__ = ("backward_hooks", "buffers", "hooks", "modules", "params", "trainable")
 
     def __init__(self, block: nn.Module) -> None:
         params: list[tuple[nn.Module, str, torch.Tensor]] = []
@@ -414,7 +414,7 @@ class BlockSlots:
         modules: list[nn.Module] = []
         seen_params: set[int] = set()
         seen: set[int] = set()
-        hooks = False
+        hooks = any_hooks = False
         stack = [block]
         while stack:  # pre-order, children in registration order, each module once: modules()' order
             module = stack.pop()
@@ -432,12 +432,14 @@ class BlockSlots:
                 if b is not None:
                     buffers.append((module, name))
             hooks = hooks or bool(module._backward_hooks or module._backward_pre_hooks)
+            any_hooks = any_hooks or bool(module._forward_hooks or module._forward_pre_hooks)
             stack.extend(reversed([c for c in module._modules.values() if c is not None]))
         self.params = params
         self.buffers = buffers
         self.trainable = trainable
         self.modules = modules
         self.backward_hooks = hooks
+        self.hooks = hooks or any_hooks
 
     def modes(self) -> tuple[bool, ...]:
         """The training flag of every module, in ``modules`` order."""

@@ -33,6 +33,11 @@ class BackwardReport:
             per checked block.
         rerun: a deferred check failed, so the pass ran again with a check per block (and the
             corrections); ``evaluations`` counts both passes.
+        probed: this backward measured the VJPs' sensitivity to their activations
+            (:mod:`revgrad.sensitivity`); the probes' evaluations are counted in ``evaluations``.
+        sensitivity: on a probed backward, per block, how many times as much (relative) its VJP
+            moved as the activation it is computed from (NaN where that activation was exact);
+            empty otherwise. A block whose activation was too far for that is corrected.
     """
 
     errors: list[float]
@@ -46,6 +51,8 @@ class BackwardReport:
     num_blocks: int | None = None
     deferred: bool = False
     rerun: bool = False
+    probed: bool = False
+    sensitivity: list[float] = field(default_factory=list)
 
     @property
     def max_error(self) -> float:
@@ -61,5 +68,6 @@ class BackwardReport:
             + (f"from_adaptive={self.from_adaptive}, " if self.from_adaptive else "")
             + f"evaluations={self.evaluations}, "
             f"correction_evaluations={self.correction_evaluations}, anchors={self.anchors}"
-            + (", deferred" if self.deferred else "") + (", rerun" if self.rerun else "") + ")"
+            + (", deferred" if self.deferred else "") + (", rerun" if self.rerun else "")
+            + (", probed" if self.probed else "") + ")"
         )

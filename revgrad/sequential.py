@@ -14,6 +14,7 @@ from .engine import CheckMode, EngineConfig, _is_int, run_chain, run_plain
 from .graph_budget import GraphBudget
 from .protocol import BlockError, is_block, require_blocks
 from .report import BackwardReport
+from .sensitivity import DEFAULT_PROBE_EVERY, Sensitivity
 
 __all__ = ["DEFAULT_CHECK", "ReversibleSequential", "reversible"]
 
@@ -21,9 +22,10 @@ DEFAULT_CHECK: CheckMode = "correct"
 
 
 def _validated(
-    check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after, graph_budget=0
+    check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after, graph_budget=0,
+    probe_every=DEFAULT_PROBE_EVERY,
 ) -> EngineConfig:
-    config = EngineConfig(check, tol, anchor_every, preserve_rng_state, warn, graph_budget)
+    config = EngineConfig(check, tol, anchor_every, preserve_rng_state, warn, graph_budget, probe_every)
     if not _is_int(release_after) or release_after < 1:
         raise ValueError(f"revgrad: release_after must be a positive integer, got {release_after!r}")
     if adaptive_budget is not None and (not _is_int(adaptive_budget) or adaptive_budget < 0):
@@ -53,6 +55,10 @@ class ReversibleSequential(nn.Sequential):
         graph_budget: bytes of autograd graphs the last blocks may hold instead of being recomputed
             in backward (faster; measured per block in backward, kept from the next step on; see
             :mod:`revgrad.graph_budget`). 0 (default): every block is reversible.
+        probe_every: gradient-aware checks (``check != "off"``): in the first backward and then every
+            ``probe_every`` backward passes, measure how much each block's VJP moves with the activation
+            it is computed from, and tighten that activation's tolerance to ``tol / sensitivity``
+            (:mod:`revgrad.sensitivity`). 0: activations are checked against ``tol`` only.
 
     Shapes: ``forward(x: [B, ...]) -> y`` or ``(y, logdet: [B])`` when any block returns a logdet;
     ``inverse(y) -> x`` (every child must be a block).
@@ -71,11 +77,13 @@ class ReversibleSequential(nn.Sequential):
         adaptive_budget: int | None = None,
         release_after: int = 100,
         graph_budget: int = 0,
+        probe_every: int = DEFAULT_PROBE_EVERY,
     ) -> None:
         super().__init__(*modules)
         self.configure(
             check=check, tol=tol, anchor_every=anchor_every, preserve_rng_state=preserve_rng_state,
             warn=warn, adaptive_budget=adaptive_budget, release_after=release_after, graph_budget=graph_budget,
+            probe_every=probe_every,
         )
 
     def configure(
@@ -89,10 +97,12 @@ class ReversibleSequential(nn.Sequential):
         adaptive_budget: int | None = None,
         release_after: int = 100,
         graph_budget: int = 0,
+        probe_every: int = DEFAULT_PROBE_EVERY,
     ) -> ReversibleSequential:
         """Set the engine options (see the class docstring); returns ``self``. Validates first."""
         config = _validated(
-            check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after, graph_budget
+            check, tol, anchor_every, preserve_rng_state, warn, adaptive_budget, release_after, graph_budget,
+            probe_every,
         )
         self.config = config
         self._graphs = GraphBudget(graph_budget) if graph_budget else None
@@ -100,6 +110,7 @@ class ReversibleSequential(nn.Sequential):
         self._adaptive_budget = adaptive_budget
         self._release_after = release_after
         self._adaptive: dict[int, AdaptiveAnchors] = {}
+        self._sensitivity: dict[int, Sensitivity] = {}
         self._reports: dict[int, BackwardReport] = {}
         return self
 
@@ -111,7 +122,7 @@ class ReversibleSequential(nn.Sequential):
                 check=cfg.check, tol=cfg.tol, anchor_every=cfg.anchor_every,
                 preserve_rng_state=cfg.preserve_rng_state, warn=cfg.warn,
                 adaptive_budget=self._adaptive_budget, release_after=self._release_after,
-                graph_budget=cfg.graph_budget,
+                graph_budget=cfg.graph_budget, probe_every=cfg.probe_every,
             )
         return item
 
@@ -135,6 +146,14 @@ class ReversibleSequential(nn.Sequential):
             else:
                 runs.append((i, [child], kind))
         return runs
+
+    def _sensitivity_for(self, start: int) -> Sensitivity | None:
+        if self.config.probe_every == 0:
+            return None
+        state = self._sensitivity.get(start)
+        if state is None:
+            state = self._sensitivity[start] = Sensitivity(self.config.probe_every)
+        return state
 
     def _adaptive_for(self, start: int) -> AdaptiveAnchors | None:
         if self._adaptive_budget == 0:
@@ -172,7 +191,7 @@ class ReversibleSequential(nn.Sequential):
                 take(run_chain(
                     modules[:cut], h, self.config, owner=_RunReporter(self, start),
                     adaptive=self._adaptive_for(start), name=type(self).__name__, labels=labels[:cut],
-                    graphs=graphs, shape=shape, kept_above=labels[cut:],
+                    graphs=graphs, shape=shape, kept_above=labels[cut:], sensitivity=self._sensitivity_for(start),
                 ))
             elif kept:
                 self._reports.pop(start, None)  # no engine backward for this run: no report
@@ -209,6 +228,11 @@ class ReversibleSequential(nn.Sequential):
             merged.correction_evaluations += rep.correction_evaluations
             merged.deferred |= rep.deferred
             merged.rerun |= rep.rerun
+            merged.probed |= rep.probed
+            if rep.sensitivity:
+                if not merged.sensitivity:
+                    merged.sensitivity = [float("nan")] * len(self)
+                merged.sensitivity[start : start + len(rep.sensitivity)] = rep.sensitivity
             merged.check, merged.tol = rep.check, rep.tol
             merged.num_blocks += len(rep.errors)
         return merged
@@ -258,6 +282,7 @@ def reversible(
     adaptive_budget: int | None = None,
     release_after: int = 100,
     graph_budget: int = 0,
+    probe_every: int = DEFAULT_PROBE_EVERY,
 ) -> nn.Module:
     """Make a network of blocks train with memory-saving, checked reversible backprop.
 
@@ -274,6 +299,7 @@ def reversible(
     options = dict(
         check=check, tol=tol, anchor_every=anchor_every, preserve_rng_state=preserve_rng_state,
         warn=warn, adaptive_budget=adaptive_budget, release_after=release_after, graph_budget=graph_budget,
+        probe_every=probe_every,
     )
     _validated(**options)  # before touching anything
 

@@ -51,6 +51,40 @@ class NaNInverse(Scale):
         return x
 
 
+class SmallFastWave(nn.Module):
+    """``sin(k h) / k``: values of order ``1/k``, slopes of order 1, curvature of order ``k``."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = float(k)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sin(self.k * h) / self.k
+
+
+def gradient_sensitive_chain(k: float = 1e5, shift: float = 20.0, seed: int = 0) -> nn.Sequential:
+    """A chain whose rebuilt activations pass every check while the gradient is far off.
+
+    Block 3 is an affine coupling whose shift (``shift``) is large next to ``x2``: its inverse
+    subtracts it again and leaves float32 rounding of about ``eps * shift / |x2|`` (~1e-6 relative,
+    under the 1e-5 tolerance). Block 1 is an affine coupling whose conditioner goes through
+    :class:`SmallFastWave`: its output and its inverse barely notice an error that small, but the
+    gradient of its first convolution's weights is ``k`` times as sensitive to it (the wave's
+    curvature). Blocks 0 and 2 flip the channels, so the error lands in the half block 1 conditions
+    on. With ``anchor_every >= 4`` only block 0's input is stored and every other activation is rebuilt.
+    """
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.bias[:2] = shift
+        conv.bias[2:] = 0.0
+    drifting = revgrad.AffineCoupling(conv, scale="sigmoid")
+    sensitive = revgrad.AffineCoupling(
+        nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), SmallFastWave(k), nn.Conv2d(8, 4, 1)), scale="exp"
+    )
+    return nn.Sequential(Flip(), sensitive, Flip(), drifting)
+
+
 def conv_branch(channels: int, hidden: int | None = None) -> nn.Module:
     hidden = hidden or channels
     return nn.Sequential(

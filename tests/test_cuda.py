@@ -16,8 +16,8 @@ import os
 
 import pytest
 import torch
-from chains import assert_healthy, assert_unstable, exploding_chain, healthy_chain
-from reference import TOL, assert_rel_close, named_grads, plain_chain, scalar_loss
+from chains import assert_healthy, assert_unstable, exploding_chain, gradient_sensitive_chain, healthy_chain
+from reference import TOL, assert_rel_close, named_grads, plain_chain, rel_error, scalar_loss
 from torch import nn
 
 import revgrad
@@ -31,17 +31,21 @@ pytestmark = [
 ]
 
 
-def _grads_vs_plain_fp64(chain: nn.Sequential, x: torch.Tensor, check: str, tol: float):
+def _grads_vs_plain_fp64(chain: nn.Sequential, x: torch.Tensor, check: str, tol: float, steps: int = 1, **options):
+    """``steps`` backward passes of one model (the first probes the VJPs' sensitivity, the next ones
+    do not), each compared with plain autograd in float64."""
     plain = copy.deepcopy(chain).double()
     xp = x.double().requires_grad_()
     scalar_loss(plain_chain(list(plain), xp)).backward()
-    rev = revgrad.reversible(chain, check=check)
-    xr = x.clone().requires_grad_()
-    scalar_loss(rev(xr)).backward()
-    assert_rel_close(xr.grad, xp.grad, tol, "dL/dx")
     ref = named_grads(plain)
-    for name, g in named_grads(rev).items():
-        assert_rel_close(g, ref[name], tol, name)
+    rev = revgrad.reversible(chain, check=check, **options)
+    for _ in range(steps):
+        rev.zero_grad(set_to_none=True)
+        xr = x.clone().requires_grad_()
+        scalar_loss(rev(xr)).backward()
+        assert_rel_close(xr.grad, xp.grad, tol, "dL/dx")
+        for name, g in named_grads(rev).items():
+            assert_rel_close(g, ref[name], tol, name)
     return rev
 
 
@@ -53,13 +57,14 @@ def test_healthy_chain_matches_plain_autograd(check):
     # Premise, on this device's rounding (its convolutions, the kernels' exp2): rebuilt from the top
     # without anchors, every input is within tol / 10, so no check fails and check="off" is exact too.
     assert_healthy(chain, x, TOL32, anchors=None)
-    rev = _grads_vs_plain_fp64(chain, x, check, 5 * TOL[torch.float32])
+    rev = _grads_vs_plain_fp64(chain, x, check, 5 * TOL[torch.float32], steps=2)
     if check != "off":
         assert not rev.last_report.corrected
         assert rev.last_report.max_error < 1e-5
         # On CUDA the checks are settled with one host sync per backward, not one per block (the
-        # CPU dry run forces the same, tests/conftest.py).
-        assert rev.last_report.deferred
+        # CPU dry run forces the same, tests/conftest.py), except in a backward that probes the
+        # VJPs' sensitivity (the first, here).
+        assert rev.last_report.deferred and not rev.last_report.probed
 
 
 def test_exploding_chain_is_corrected():
@@ -67,11 +72,35 @@ def test_exploding_chain_is_corrected():
     torch.manual_seed(1)
     x = torch.randn(3, 4, 5, 7).to(DEVICE)
     assert_unstable(chain, x, TOL32)  # premise, on this device's rounding: checks fail, by >= 100x
-    rev = _grads_vs_plain_fp64(chain, x, "correct", 1e-4)
+    rev = _grads_vs_plain_fp64(chain, x, "correct", 1e-4, probe_every=0)  # the first backward defers
     assert rev.last_report.corrected
     # Checks are deferred on CUDA (and on the CPU dry run, which forces them): the deferred pass
     # failed and ran again with a check per block.
     assert rev.last_report.deferred and rev.last_report.rerun
+
+
+def test_gradient_sensitive_chain_is_corrected():
+    """The VJP-sensitivity probe on the device's code path (kernels, deferred checks): every check
+    passes, the gradient of unchecked backprop is far off, the default engine's is not."""
+    chain = gradient_sensitive_chain().to(DEVICE)
+    torch.manual_seed(3)
+    x = torch.randn(4, 4, 8, 8).to(DEVICE)
+    assert_healthy(chain, x, TOL32, margin=5, anchors=10)
+    plain = copy.deepcopy(chain)
+    xp = x.clone().requires_grad_()
+    scalar_loss(plain_chain(list(plain), xp)).backward()
+    ref = torch.cat([xp.grad.flatten(), *(p.grad.flatten() for p in plain.parameters())])
+    errors = {}
+    for name, options in {"off": {"check": "off"}, "default": {"anchor_every": 10}}.items():
+        rev = revgrad.reversible(copy.deepcopy(chain), **options)
+        for _ in range(2):
+            rev.zero_grad(set_to_none=True)
+            xr = x.clone().requires_grad_()
+            scalar_loss(rev(xr)).backward()
+            got = torch.cat([xr.grad.flatten(), *(p.grad.flatten() for p in rev.parameters())])
+            errors[name] = max(errors.get(name, 0.0), rel_error(got, ref))
+    assert errors["off"] >= 1e-3, f"premise: unchecked backprop should be far off ({errors['off']:.3g})"
+    assert errors["default"] <= 1e-5, errors
 
 
 def test_cuda_tests_run_in_ieee_float32_and_on_the_cuda_code_path(monkeypatch):
@@ -90,7 +119,7 @@ def test_cuda_tests_run_in_ieee_float32_and_on_the_cuda_code_path(monkeypatch):
     torch.manual_seed(2)
     rev = revgrad.reversible(nn.Sequential(*[
         revgrad.AdditiveCoupling(nn.Conv2d(2, 2, 3, padding=1), nn.Conv2d(2, 2, 3, padding=1)) for _ in range(3)
-    ]).to(DEVICE))
+    ]).to(DEVICE), probe_every=0)  # a probed backward checks per block
     x = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
     rev(x).square().sum().backward()
     assert rev.last_report.deferred

@@ -69,17 +69,17 @@ def test_gradients_and_buffers_match_plain_autograd_every_step(budget):
 
 
 def test_kept_blocks_cost_no_evaluations_in_backward():
-    rev = revgrad.reversible(_stage(6), graph_budget=10**9)
+    rev = revgrad.reversible(_stage(6), graph_budget=10**9, probe_every=0)  # no probe evaluations
     x = torch.randn(*SHAPE, dtype=torch.float64)
     _step(rev, x, plain=False)
     assert rev.last_report.evaluations == 7  # fused couplings: one evaluation each
-    rev.configure(graph_budget=_fits(rev, 3))
+    rev.configure(graph_budget=_fits(rev, 3), probe_every=0)
     _step(rev, x, plain=False)
     _step(rev, x, plain=False)
     assert rev.kept_blocks == [4, 5, 6]
     report = rev.last_report
     assert report.evaluations == 4 and report.num_blocks == 4
-    rev.configure(graph_budget=10**9)
+    rev.configure(graph_budget=10**9, probe_every=0)
     _step(rev, x, plain=False)
     _step(rev, x, plain=False)
     assert rev.kept_blocks == list(range(7)) and rev.last_report is None

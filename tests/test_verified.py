@@ -15,6 +15,7 @@ from chains import (
     assert_healthy,
     assert_unstable,
     exploding_chain,
+    gradient_sensitive_chain,
     healthy_chain,
     reconstruction_errors,
 )
@@ -282,7 +283,7 @@ def test_fused_blocks_differentiate_at_their_stored_input(monkeypatch):
     monkeypatch.setattr(revgrad.engine._Backward, "_recompute_vjp", spy)
     monkeypatch.setattr(revgrad.engine, "DEFER_CHECKS", "never")  # one pass: each recompute once
     gx_ref, gp_ref = _reference_grads(net, x)
-    model, gx, gp = _revgrad_grads(net, x)
+    model, gx, gp = _revgrad_grads(net, x, probe_every=0)  # a probe recomputes blocks once more
     assert model.last_report.anchors == [0, 3, 6]
     assert model.last_report.corrected == [8]
     assert generic == [8], generic
@@ -314,7 +315,7 @@ def test_deferred_checks_read_nothing_per_block_on_a_clean_chain(deferred):
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
     assert_healthy(net, x, revgrad.default_tol(torch.float64), anchors="default")
     gx_ref, gp_ref = _reference_grads(net, x)
-    model, gx, gp = _revgrad_grads(net, x)
+    model, gx, gp = _revgrad_grads(net, x, probe_every=0)  # a probed backward checks per block
     report = model.last_report
     assert report.deferred and not report.rerun and not report.corrected
     assert deferred == [], "a deferred pass read errors block by block"
@@ -328,7 +329,7 @@ def test_deferred_checks_read_nothing_per_block_on_a_clean_chain(deferred):
 def test_deferred_check_failure_reruns_with_corrections_then_checks_per_block(broken, deferred):
     name, net, x = broken
     gx_ref, gp_ref = _reference_grads(net, x)
-    model = revgrad.reversible(copy.deepcopy(net))
+    model = revgrad.reversible(copy.deepcopy(net), probe_every=0)  # a probed backward checks per block
     evaluations = []
     for step in range(2):
         xx = x.clone().requires_grad_()
@@ -350,6 +351,21 @@ def test_deferred_check_failure_reruns_with_corrections_then_checks_per_block(br
     assert evaluations[0] > evaluations[1], "the rerun's evaluations are not counted"
 
 
+def test_probed_backward_checks_per_block_and_the_next_one_defers(deferred):
+    net = healthy_chain(6, channels=4, affine_every=3).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    assert_healthy(net, x, revgrad.default_tol(torch.float64), anchors="default")
+    model = revgrad.reversible(copy.deepcopy(net), probe_every=3)
+    probed = []
+    for _ in range(4):
+        deferred.clear()
+        scalar_loss(model(x.clone().requires_grad_())).backward()
+        rep = model.last_report
+        probed.append(rep.probed)
+        assert rep.deferred == (not rep.probed) and (deferred == []) == rep.deferred
+    assert probed == [True, False, False, True]
+
+
 def test_deferred_detect_raises_for_the_block_nearest_the_output(monkeypatch):
     net = _drifting_chain("inverse-off-by-1%")
     x = torch.randn(3, 4, 5, 7)
@@ -366,7 +382,7 @@ def test_deferred_detect_raises_for_the_block_nearest_the_output(monkeypatch):
 
 def test_no_deferral_with_backward_hooks_inside_blocks(deferred):
     net = healthy_chain(4, channels=4, affine_every=0)
-    model = revgrad.reversible(net)
+    model = revgrad.reversible(net, probe_every=0)  # a probed backward is never deferred anyway
     calls = []
     next(m for m in model.modules() if isinstance(m, nn.Conv2d)).register_full_backward_hook(
         lambda *args: calls.append(1)
@@ -374,3 +390,107 @@ def test_no_deferral_with_backward_hooks_inside_blocks(deferred):
     scalar_loss(model(torch.randn(2, 4, 5, 6, requires_grad=True))).backward()
     assert not model.last_report.deferred
     assert len(calls) == 1
+
+
+# -- gradient-aware checks: the VJP's sensitivity sets each activation's tolerance --------------------
+
+
+def _sensitive_setup():
+    net = gradient_sensitive_chain()
+    torch.manual_seed(3)
+    x = torch.randn(4, 4, 8, 8)
+    tol = revgrad.default_tol(torch.float32)
+    gx_ref, gp_ref = _reference_grads(net, x)
+    ref = torch.cat([gx_ref.flatten(), *(g.flatten() for g in gp_ref)])
+    return net, x, tol, ref
+
+
+def _flat_grads(model, x):
+    xx = x.clone().requires_grad_()
+    scalar_loss(model(xx)).backward()
+    return torch.cat([xx.grad.flatten(), *(p.grad.flatten() for p in model.parameters())])
+
+
+def test_gradient_sensitive_activation_is_corrected_although_its_check_passes():
+    """Every rebuilt activation is within tol / 5, yet unchecked reversible backprop's gradient is
+    >= 1e-3 off: block 1's VJP is thousands of times as sensitive to its output as the output is
+    off. The default engine measures that sensitivity and uses the exact activation."""
+    net, x, tol, ref = _sensitive_setup()
+    # Premises, with wide margins: the checks pass (errors as the engine sees them, anchor at 0 only) ...
+    assert_healthy(net, x, tol, margin=5, anchors=10)
+    # ... and the gradient of classic reversible backprop is far off.
+    off = revgrad.reversible(copy.deepcopy(net), check="off")
+    assert rel_error(_flat_grads(off, x), ref) >= 1e-3
+    model = revgrad.reversible(copy.deepcopy(net), anchor_every=10)
+    for step in range(4):  # the first backward probes; the next ones check against the tightened tol
+        for p in model.parameters():
+            p.grad = None
+        err = rel_error(_flat_grads(model, x), ref)
+        assert err <= 1e-5, f"step {step}: gradient off by {err:.3g}"
+        rep = model.last_report
+        assert rep.probed == (step == 0)
+        assert max(e for e in rep.errors if e == e) <= tol, "the input checks alone would pass"
+        if step == 0:
+            assert rep.sensitivity[1] >= 100 and 2 in rep.corrected
+        else:  # block 2's input now comes from its adaptive anchor
+            assert 2 in rep.corrected + rep.from_adaptive or 2 in rep.anchors
+
+
+def test_gradient_sensitive_activation_detected():
+    net, x, _, _ = _sensitive_setup()
+    model = revgrad.reversible(copy.deepcopy(net), check="detect", anchor_every=10)
+    with pytest.raises(revgrad.ReconstructionError, match=r"block 2 \(Flip\).*VJP of block 1 \(AffineCoupling\)"):
+        _flat_grads(model, x)
+
+
+# -- what is guaranteed: the float64 truth, not only plain float32 autograd -----------------------------
+
+
+def _glow_steps(steps: int, channels: int = 8, seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    blocks: list[nn.Module] = []
+    for _ in range(steps):
+        net = nn.Sequential(
+            nn.Conv2d(channels // 2, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, channels, 3, padding=1)
+        )
+        blocks += [revgrad.ActNorm(channels), revgrad.InvertibleConv1x1(channels), revgrad.AffineCoupling(net)]
+    return nn.Sequential(*blocks)
+
+
+DEEP_CHAINS = {  # name: (builder, channels, classic reversible backprop is far off)
+    "exploding-affine-24": (lambda: exploding_chain(24, bias=-6.0), 4, True),
+    "glow-steps-16": (lambda: _glow_steps(16), 8, False),
+    "gradient-sensitive": (gradient_sensitive_chain, 4, True),
+}
+
+
+@pytest.mark.parametrize("name", list(DEEP_CHAINS))
+def test_float32_gradient_is_as_close_to_the_float64_truth_as_plain_autograds(name):
+    """In float32 the reference is not exact either: plain autograd's own gradient is some distance
+    from the float64 truth. revgrad's promise, measured: its gradient is no farther from the truth
+    than plain float32 autograd's (within a factor 1.5, plus float32 rounding), also where classic
+    reversible backprop is far off."""
+    build, channels, hard = DEEP_CHAINS[name]
+    net = build()
+    torch.manual_seed(1)
+    x = torch.randn(4, channels, 8, 8)
+    with torch.no_grad():
+        plain_chain(net, x)  # ActNorm's data-dependent initialisation, in float32
+
+    def grads(run, params, inp):
+        xx = inp.clone().requires_grad_()
+        scalar_loss(run(xx)).backward()
+        return torch.cat([xx.grad.flatten(), *(p.grad.flatten() for p in params)]).double()
+
+    net64 = copy.deepcopy(net).double()
+    truth = grads(lambda h: plain_chain(net64, h), list(net64.parameters()), x.double())
+    net32 = copy.deepcopy(net)
+    plain = rel_error(grads(lambda h: plain_chain(net32, h), list(net32.parameters()), x), truth)
+    if hard:
+        off = revgrad.reversible(copy.deepcopy(net), check="off")
+        off_error = rel_error(grads(off, list(off.parameters()), x), truth)
+        # (~10x plain's error on every path measured, CPU and kernels: asserted with a 3x margin)
+        assert not off_error <= 3 * plain + 1e-5, f"premise: unchecked backprop should be far off ({off_error:.3g})"
+    model = revgrad.reversible(copy.deepcopy(net))
+    error = rel_error(grads(model, list(model.parameters()), x), truth)
+    assert error <= 1.5 * plain + 1e-7, f"{name}: {error:.3g} from the float64 truth, plain float32 {plain:.3g}"

@@ -1,0 +1,187 @@
+"""Gradient trust over a long run: each step's gradient error of memory-saving backprop vs plain autograd.
+
+The exploding-inverses setting at CPU scale: :func:`revgrad.models.glow_classifier` (2 levels x 4 steps
+of ActNorm, invertible 1x1 convolution, affine coupling with sigmoid scale; hidden width 16) on
+scikit-learn's 8x8 digits, batch 64, Adam at lr 1e-2, no regularizer. One training trajectory, driven
+by ``check="correct"``'s gradients as a user's would be; at every step, each provider's gradient at the
+same weights and batch is compared with plain autograd's (relative L2 over all parameter gradients):
+
+- ``off``: classic reversible backprop (no check);
+- ``input-only``: ``check="correct"`` with ``probe_every=0`` (rebuilt activations checked against ``tol``);
+- ``correct``: the default, gradient-aware (``probe_every=20``, :mod:`revgrad.sensitivity`).
+
+Every provider keeps its own state (adaptive anchors, sensitivities) across the run, as a wrapper
+built once would. Then the step times, providers interleaved, as paired ratios to ``off``.
+
+    python bench/grad_trust.py --steps 2000 --json bench/out/grad_trust.json
+    python bench/grad_trust.py --steps 200 --fresh      # a new wrapper every step (no state kept)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import revgrad
+from revgrad.demo import load_digits_data
+from revgrad.measure import machine_info, time_interleaved
+from revgrad.models import glow_classifier
+
+PROVIDERS = {
+    "off": {"check": "off"},
+    "input-only": {"check": "correct", "probe_every": 0},
+    "correct": {"check": "correct"},
+}
+
+
+def build(hidden: int, seed: int):
+    torch.manual_seed(seed)
+    return glow_classifier(in_channels=1, levels=2, depth=4, hidden=hidden, coupling="affine",
+                           permutation="conv", scale="sigmoid", memory_saving=False)
+
+
+def flat_grads(model) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten().double()
+                      for p in model.parameters()])
+
+
+def gradient(model, flow, x, y) -> tuple[torch.Tensor, object]:
+    """The cross-entropy gradient of ``model`` with ``flow`` in place of its flow, and its report."""
+    plain = model.flow
+    model.flow = flow
+    try:
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        return flat_grads(model), getattr(flow, "last_report", None)
+    finally:
+        model.flow = plain
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    err = float((a - b).norm() / b.norm().clamp_min(1e-300))
+    return err if math.isfinite(err) else math.inf
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    finite = sorted(v if math.isfinite(v) else math.inf for v in values)
+    pick = lambda q: finite[min(len(finite) - 1, int(q * len(finite)))]  # noqa: E731
+    return {"median": pick(0.5), "p99": pick(0.99), "p99.9": pick(0.999), "max": finite[-1]}
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    data = load_digits_data()
+    model = build(args.hidden, args.seed)
+    with torch.no_grad():  # ActNorm's data-dependent initialisation, once, on the first batch
+        model(data.x_train[: args.batch])
+    blocks = list(model.flow)
+
+    def wrapper(options):
+        return revgrad.ReversibleSequential(*blocks, **options)
+
+    flows = {name: wrapper(options) for name, options in PROVIDERS.items()}
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed + 1)
+    n = data.x_train.shape[0]
+    errors: dict[str, list[float]] = {name: [] for name in PROVIDERS}
+    corrections = {name: 0 for name in PROVIDERS}
+    probes = 0
+    for step in range(args.steps):
+        idx = torch.randint(0, n, (args.batch,), generator=gen)
+        x, y = data.x_train[idx], data.y_train[idx]
+        if args.fresh:
+            flows = {name: wrapper(options) for name, options in PROVIDERS.items()}
+        truth, _ = gradient(model, model.flow, x, y)
+        drive = None
+        for name, flow in flows.items():
+            g, report = gradient(model, flow, x, y)
+            errors[name].append(relative(g, truth))
+            corrections[name] += len(report.corrected) if report is not None else 0
+            if name == "correct":
+                drive = g
+                probes += bool(report is not None and report.probed)
+        if not math.isfinite(float(drive.norm())):
+            print(f"step {step}: the correct gradient is not finite; stopping", file=sys.stderr)
+            break
+        # Train with check="correct"'s gradient, as a user would.
+        offset = 0
+        for p in model.parameters():
+            p.grad = drive[offset : offset + p.numel()].view_as(p).to(p.dtype)
+            offset += p.numel()
+        opt.step()
+        if args.progress and step % 100 == 0:
+            print(f"step {step}: " + ", ".join(f"{k} {v[-1]:.2e}" for k, v in errors.items()), file=sys.stderr)
+
+    summary = {}
+    for name, values in errors.items():
+        within = sum(v <= args.target for v in values) / len(values)
+        summary[name] = {"steps": len(values), "within_target": within, "corrections": corrections[name],
+                         **percentiles(values)}
+    timing = time_steps(model, blocks, data, args)
+    return {"machine": machine_info(), "args": vars(args), "summary": summary, "probed_steps": probes,
+            "timing": timing, "errors": errors}
+
+
+class _Step:
+    """One training step of the model with a given flow (for the interleaved timing)."""
+
+    def __init__(self, model, flow, data, batch: int, seed: int) -> None:
+        self.model, self.flow, self.data, self.batch = model, flow, data, batch
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def prepare(self) -> None:
+        idx = torch.randint(0, self.data.x_train.shape[0], (self.batch,), generator=self.gen)
+        self.x, self.y = self.data.x_train[idx], self.data.y_train[idx]
+
+    def run(self) -> None:
+        gradient(self.model, self.flow, self.x, self.y)
+
+
+def time_steps(model, blocks, data, args) -> dict:
+    steps = {"plain": _Step(model, model.flow, data, args.batch, 7)}
+    for name, options in PROVIDERS.items():
+        steps[name] = _Step(model, revgrad.ReversibleSequential(*blocks, **options), data, args.batch, 7)
+    timings = time_interleaved(steps, rounds=args.rounds, per_round=args.per_round, warmup=3)
+    return {name: {"median_ms": timings.median_ms(name), "x_off": timings.ratio(name, "off"),
+                   "x_plain": timings.ratio(name, "plain")} for name in steps}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--hidden", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--target", type=float, default=1e-5, help="gradient error counted as within target")
+    parser.add_argument("--fresh", action="store_true", help="a new wrapper per step (no adaptive state)")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--per-round", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    result = run(args)
+    print(f"{args.steps} steps, gradient error vs plain autograd (relative L2, all parameters), "
+          f"target {args.target:g}; probed steps: {result['probed_steps']}")
+    print("| provider | steps within target | median | p99 | p99.9 | max | corrections | step time x off |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, s in result["summary"].items():
+        t = result["timing"][name]
+        print(f"| {name} | {100 * s['within_target']:.2f} % | {s['median']:.2e} | {s['p99']:.2e} | "
+              f"{s['p99.9']:.2e} | {s['max']:.2e} | {s['corrections']} | {t['x_off']:.3f} |")
+    print(f"step time: off {result['timing']['off']['x_plain']:.3f} x plain autograd ({args.threads} thread)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
