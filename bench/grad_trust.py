@@ -15,6 +15,7 @@ built once would. Then the step times, providers interleaved, as paired ratios t
 
     python bench/grad_trust.py --steps 2000 --json bench/out/grad_trust.json
     python bench/grad_trust.py --steps 200 --fresh      # a new wrapper every step (no state kept)
+    python bench/grad_trust.py --stage-truth            # RevNet stage: float32 gradients vs float64 truth
 """
 
 from __future__ import annotations
@@ -152,6 +153,34 @@ def time_steps(model, blocks, data, args) -> dict:
                    "x_plain": timings.ratio(name, "plain")} for name in steps}
 
 
+def stage_truth(blocks: int = 12) -> dict[str, float]:
+    """One step of the RevNet stage (BatchNorm-ReLU branches): each provider's float32 gradient against
+    the float64 truth, beside plain float32 autograd's own distance from it."""
+    import copy
+
+    from revgrad.benchmark import revnet_stage, upstream_like
+
+    workload = revnet_stage(blocks=blocks)
+    base = workload.build("plain").module.train()
+    x = workload.input()
+    upstream: list[torch.Tensor] = []
+
+    def grads(model, dtype):
+        xx = x.clone().to(dtype).requires_grad_()
+        y = model(xx)
+        if not upstream:
+            upstream.append(upstream_like([y.float()], 0)[0])
+        y.backward(upstream[0].to(dtype))
+        return torch.cat([xx.grad.flatten(), *(p.grad.flatten() for p in model.parameters())]).double()
+
+    truth = grads(copy.deepcopy(base).double(), torch.float64)
+    rows = {"plain float32": relative(grads(copy.deepcopy(base), torch.float32), truth)}
+    for name, options in {"off": {"check": "off"}, "input-only": PROVIDERS["input-only"], "correct": {}}.items():
+        model = revgrad.reversible(copy.deepcopy(base), **options)
+        rows[name] = relative(grads(model, torch.float32), truth)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
@@ -166,7 +195,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--stage-truth", action="store_true",
+                        help="only: the 12-block RevNet stage's float32 gradients against the float64 truth")
     args = parser.parse_args(argv)
+    if args.stage_truth:
+        torch.set_num_threads(args.threads)
+        for name, error in stage_truth().items():
+            print(f"{name}: {error:.2e} from the float64 truth")
+        return 0
     result = run(args)
     print(f"{args.steps} steps, gradient error vs plain autograd (relative L2, all parameters), "
           f"target {args.target:g}; probed steps: {result['probed_steps']}")

@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import dispatch, halves
+from . import dispatch, halves, sensitivity
 from .anchors import AdaptiveAnchors, regular_anchors
 from .fingerprint import FingerprintRequest, default_tol, fingerprint, fingerprint_parts, relative_error, requesting
 from .graph_budget import GraphBudget, SavedBytes
@@ -61,7 +61,6 @@ from .replay import (
     recording,
 )
 from .report import BackwardReport
-from . import sensitivity
 from .sensitivity import BUDGET, DEFAULT_PROBE_EVERY, Sensitivity, perturbed, relative_change
 
 __all__ = ["CHECK_MODES", "EngineConfig", "run_chain", "run_plain"]
@@ -413,7 +412,7 @@ def _record(chain: _Chain, i: int, h: torch.Tensor | Halves, fused: bool, two_pa
     raise AssertionError("unreachable")
 
 
-def _warn_unkeyed_randomness(label: int, block: nn.Module) -> None:
+def _warn_unkeyed_randomness(block: nn.Module) -> None:
     warnings.warn(
         f"revgrad: blocks of type {block_type(block)} draw random numbers outside their sub-modules' calls "
         "(in their own forward code, or in a sub-module called through .forward()), so backward cannot "
@@ -471,7 +470,7 @@ class _RevBackprop(torch.autograd.Function):
                 # block was deterministic last time): an inverse that draws them in another order
                 # could not be replayed. Keep this block's input instead.
                 if tape.gaps or not block._modules:
-                    _warn_unkeyed_randomness(chain.labels[i], block)
+                    _warn_unkeyed_randomness(block)
                 anchor_at.append(i)
                 anchor_tensors.append(halves.full(h))
                 fp = None
