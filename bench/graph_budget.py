@@ -1,4 +1,4 @@
-"""What ``graph_budget`` buys (issue #7's speed work): step time and held memory vs kept blocks.
+"""What ``graph_budget`` buys: step time and held memory vs kept blocks.
 
     python bench/graph_budget.py                      # 12-block RevNet stage, CPU, 1 thread
     python bench/graph_budget.py --keep 0 2 4 --rounds 15 --json bench/out/graph-budget.json

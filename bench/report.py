@@ -40,7 +40,7 @@ from revgrad.measure import machine_info, step_memory
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 MIB = 2**20
-STAGE = dict(channels=32, size=16)  # the RevNet stage of issue #2: one activation = batch * 32 KiB
+STAGE = dict(channels=32, size=16)  # the RevNet stage of bench/revnet_stage.py: one activation = batch * 32 KiB
 
 
 def _providers(workload: Workload, notes: list[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The 12-block RevNet stage of issue #2, wrapped by every memory-saving provider.
+"""The 12-block RevNet stage, wrapped by every memory-saving provider.
 
 The stage, the providers and the agreement check live in the package, :mod:`revgrad.benchmark`
 (so that ``revgrad bench`` works from an installed package; its docstring describes every provider):

@@ -1,4 +1,4 @@
-"""Step time of a RevNet stage on CPU, every provider side by side in one run (issue #2).
+"""Step time of a RevNet stage on CPU, every provider side by side in one run.
 
 Usage::
 
@@ -154,7 +154,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 
 
 def targets(rounds: list[dict[str, float]], providers: Sequence[str]) -> tuple[dict[str, float], list[str]]:
-    """The issue's targets, from paired per-round ratios: (values, printable lines)."""
+    """The stage's speed targets, from paired per-round ratios: (values, printable lines)."""
     values: dict[str, float] = {}
     lines: list[str] = []
 

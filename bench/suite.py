@@ -2,12 +2,17 @@
 
 Tiny sizes by default, so that ``python -m pytest tests bench --benchmark-disable`` (CI) runs every
 benchmark once in seconds; ``REVGRAD_BENCH_FULL=1`` selects the real sizes. CUDA is added to the
-devices when present (memory from ``torch.cuda.max_memory_allocated`` there).
+devices when present (memory from ``torch.cuda.max_memory_allocated`` there). Timed runs
+(``--benchmark-only``) warm each step up, then time it for enough rounds to give a median and a
+spread (:func:`timed`).
 """
 
 from __future__ import annotations
 
+import math
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -19,7 +24,7 @@ from revgrad.measure import pin_malloc, step_memory
 FULL = os.environ.get("REVGRAD_BENCH_FULL", "") == "1"
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 
-# Memory vs depth and batch: the RevNet stage [B, 32, 16, 16] of issue #2 (one activation = B * 32 KiB).
+# Memory vs depth and batch: the RevNet stage [B, 32, 16, 16] of bench/revnet_stage.py (one activation = B * 32 KiB).
 DEPTHS = (8, 16, 32, 64, 128) if FULL else (2, 4, 8)
 STAGE = dict(batch=16, channels=32, size=16) if FULL else dict(batch=2, channels=4, size=4)
 BATCH_DEPTH = 32 if FULL else 4
@@ -31,8 +36,8 @@ GLOW = dict(steps=16, channels=12, size=16, hidden=128, batch=16) if FULL else d
 # Largest batch within a byte budget (input + peak of a step), on the stage at BUDGET_DEPTH blocks.
 BUDGET_MIB = 512 if FULL else 0.25
 BUDGET_DEPTH = 32 if FULL else 4
-# Timed rounds per benchmark (pytest-benchmark, providers one after another).
-ROUNDS = 5 if FULL else 1
+# Untimed steps before the timed rounds (allocator pages, caches, lazy initialisation); see timed().
+WARMUP_ROUNDS = 2
 
 # memcnn 1.5.2 frees its input with the deprecated TypedStorage API.
 IGNORE_MEMCNN_WARNING = pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")
@@ -57,6 +62,34 @@ def runnable(provider: str, workload: Workload, device: str) -> None:
         pytest.skip(f"{provider} on {workload.name}: {reason}")
 
 
+def rounds_for(step_seconds: float, min_rounds: int, max_time: float) -> int:
+    """Timed rounds for a step that takes ``step_seconds``: enough to fill ``max_time``, at least ``min_rounds``
+    (pytest-benchmark's own rule for ``benchmark(...)``)."""
+    return max(min_rounds, math.ceil(max_time / max(step_seconds, 1e-9)))
+
+
+def timed(benchmark, run: Callable[[], None], setup: Callable[[], None] | None = None) -> None:
+    """Time ``run`` (``setup`` before each round, untimed) with pytest-benchmark, one step per round.
+
+    With ``--benchmark-disable`` the step runs once: the CI smoke test. Otherwise ``WARMUP_ROUNDS``
+    untimed steps come first; the first of them is clocked to size the run, which then takes
+    :func:`rounds_for` rounds. pytest-benchmark's ``--benchmark-min-rounds`` (default 5) and
+    ``--benchmark-max-time`` (default 1 s), or a test's ``@pytest.mark.benchmark(min_rounds=...,
+    max_time=...)``, set the rounds as they do for ``benchmark(...)`` (``benchmark.pedantic`` alone
+    ignores them): raise ``--benchmark-max-time`` for more rounds.
+    """
+    if not benchmark.enabled:
+        benchmark.pedantic(run, setup=setup, rounds=1)
+        return
+    if setup is not None:
+        setup()
+    start = time.perf_counter()
+    run()
+    seconds = time.perf_counter() - start
+    rounds = rounds_for(seconds, getattr(benchmark, "_min_rounds", 5), getattr(benchmark, "_max_time", 1.0))
+    benchmark.pedantic(run, setup=setup, rounds=rounds, warmup_rounds=WARMUP_ROUNDS - 1, iterations=1)
+
+
 def bench_step(benchmark, workload: Workload, provider: str, device: str, **info: Any) -> dict[str, Any]:
     """Time one provider's training step on ``workload`` with pytest-benchmark and record its memory.
 
@@ -77,7 +110,7 @@ def bench_step(benchmark, workload: Workload, provider: str, device: str, **info
         if device == "cuda":
             torch.cuda.synchronize()
 
-    benchmark.pedantic(run, setup=step.prepare, rounds=ROUNDS, warmup_rounds=1)
+    timed(benchmark, run, setup=step.prepare)
     stats = getattr(benchmark, "stats", None)
     if stats is not None and getattr(stats, "stats", None) is not None:
         extra["images_per_s"] = workload.batch / stats.stats.median

@@ -6,7 +6,7 @@
 
 Groups: ``memory-vs-depth`` (the RevNet stage at 8 ... 128 blocks), ``memory-vs-batch``. The bytes
 are in each benchmark's ``extra_info`` (``held_bytes``, ``peak_bytes``); the tests below assert the
-issue's memory targets, which are deterministic byte counts, not timings.
+memory targets, which are deterministic byte counts, not timings.
 """
 
 from __future__ import annotations

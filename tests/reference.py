@@ -5,7 +5,7 @@ Tolerances are relative L2 errors ``||actual - expected|| / ||expected||`` per d
 | dtype    | tol   | why                                                                  |
 |----------|-------|----------------------------------------------------------------------|
 | float64  | 1e-10 | rounding only; gradcheck-tight                                       |
-| float32  | 1e-5  | issue #2: reversible gradients within 1e-5 of plain autograd's       |
+| float32  | 1e-5  | reversible gradients within 1e-5 of plain autograd's (the promise)   |
 | bfloat16 | 3e-2  | a few bf16 ulps (eps 7.8e-3) after accumulation over the chain      |
 | float16  | 5e-3  | a few fp16 ulps (eps 9.8e-4)                                         |
 """

@@ -1,4 +1,4 @@
-"""Low precision (issue #3): under CPU bf16 autocast the checked engine is as close to plain autograd
+"""Low precision: under CPU bf16 autocast the checked engine is as close to plain autograd
 as plain autograd's own bf16 noise, while unchecked reversible backprop is not."""
 
 from __future__ import annotations

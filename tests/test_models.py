@@ -1,4 +1,4 @@
-"""Issue #5: RevNet-38/110/164 (Gomez et al. 2017) and the Glow-style INN classifier."""
+"""RevNet-38/110/164 (Gomez et al. 2017) and the Glow-style INN classifier."""
 
 from __future__ import annotations
 

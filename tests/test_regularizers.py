@@ -1,4 +1,4 @@
-"""The bidirectional finite-difference penalty (issue #6, part 2) and its training-loop schedule."""
+"""The bidirectional finite-difference penalty and its training-loop schedule."""
 
 from __future__ import annotations
 

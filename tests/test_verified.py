@@ -1,4 +1,4 @@
-"""Verified reconstruction (issue #3): exploding inverses are detected and corrected."""
+"""Verified reconstruction: exploding inverses are detected and corrected."""
 
 from __future__ import annotations
 
