@@ -3,7 +3,7 @@
     python bench/deferred_checks.py --device cuda            # the measurement (part of bench/gpu_suite.sh)
     python bench/deferred_checks.py --device cpu --rounds 1  # smoke run: on CPU a check costs no sync
 
-The RevNet stage (``revgrad.benchmark.revnet_stage``) with ``check="correct"``, timed with the engine's
+The RevNet stage (``revgrad.tools.benchmark.revnet_stage``) with ``check="correct"``, timed with the engine's
 checks read block by block (``REVGRAD_DEFER_CHECKS=never``) and deferred to the end of the pass
 (``always``), interleaved with plain autograd round by round; ratios paired per round. Both variants
 compute the same gradients (checked first, float32, against each other). On CUDA ``auto`` is
@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from revgrad import engine
-from revgrad.benchmark import TrainStep, revnet_stage
-from revgrad.measure import machine_info, pin_malloc, time_interleaved
+from revgrad.engine import backprop as engine
+from revgrad.tools.benchmark import TrainStep, revnet_stage
+from revgrad.tools.measure import machine_info, pin_malloc, time_interleaved
 
 
 @contextlib.contextmanager

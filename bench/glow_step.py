@@ -4,7 +4,7 @@
 
 Model: ``revgrad.glow_classifier`` (one level: squeeze, then ``depth`` x [ActNorm, LU 1x1 conv,
 sigmoid affine coupling]), loss = cross-entropy - mean logdet / pixels. Providers, timed in
-interleaved rounds (``revgrad.measure.time_interleaved``: median step, paired ratio to plain per round):
+interleaved rounds (``revgrad.tools.measure.time_interleaved``: median step, paired ratio to plain per round):
 
 * ``plain``: plain autograd;
 * ``revgrad-kernels``: ``check="correct"`` with ``REVGRAD_KERNELS=auto`` (the kernels on CUDA; on
@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 import revgrad
-from revgrad import dispatch
-from revgrad.measure import time_interleaved
-from revgrad.memory import MemoryProbe
 from revgrad.models import glow_classifier
+from revgrad.ops import dispatch
+from revgrad.tools.measure import time_interleaved
+from revgrad.tools.memory import MemoryProbe
 
 PROVIDERS = {
     "plain": (False, "correct", "torch"),
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             peak[name] = probe.peak
         model.zero_grad(set_to_none=True)
 
-    class Step:  # the protocol of revgrad.measure.time_interleaved
+    class Step:  # the protocol of revgrad.tools.measure.time_interleaved
         def __init__(self, name: str) -> None:
             self.name = name
 

@@ -8,7 +8,7 @@ same weights and batch is compared with plain autograd's (relative L2 over all p
 
 - ``off``: classic reversible backprop (no check);
 - ``input-only``: ``check="correct"`` with ``probe_every=0`` (rebuilt activations checked against ``tol``);
-- ``correct``: the default, gradient-aware (``probe_every=20``, :mod:`revgrad.sensitivity`).
+- ``correct``: the default, gradient-aware (``probe_every=20``, :mod:`revgrad.engine.sensitivity`).
 
 Every provider keeps its own state (adaptive anchors, sensitivities) across the run, as a wrapper
 built once would. Then the step times, providers interleaved, as paired ratios to ``off``.
@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import revgrad
-from revgrad.demo import load_digits_data
-from revgrad.measure import machine_info, time_interleaved
 from revgrad.models import glow_classifier
+from revgrad.tools.demo import load_digits_data
+from revgrad.tools.measure import machine_info, time_interleaved
 
 PROVIDERS = {
     "off": {"check": "off"},
@@ -158,7 +158,7 @@ def stage_truth(blocks: int = 12) -> dict[str, float]:
     the float64 truth, beside plain float32 autograd's own distance from it."""
     import copy
 
-    from revgrad.benchmark import revnet_stage, upstream_like
+    from revgrad.tools.benchmark import revnet_stage, upstream_like
 
     workload = revnet_stage(blocks=blocks)
     base = workload.build("plain").module.train()

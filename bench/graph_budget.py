@@ -3,7 +3,7 @@
     python bench/graph_budget.py                      # 12-block RevNet stage, CPU, 1 thread
     python bench/graph_budget.py --keep 0 2 4 --rounds 15 --json bench/out/graph-budget.json
 
-The stage is ``revgrad.benchmark.revnet_stage`` (the one of ``revgrad bench`` and ``bench/step_time.py``).
+The stage is ``revgrad.tools.benchmark.revnet_stage`` (the one of ``revgrad bench`` and ``bench/step_time.py``).
 Providers, interleaved in every round: plain autograd, RevLib (when installed), revgrad
 ``check="correct"`` without a budget, and with a budget that holds the top ``k`` blocks' graphs
 (measured by the engine itself, see ``revgrad/graph_budget.py``). Reported: median step, paired
@@ -18,8 +18,8 @@ import sys
 
 import torch
 
-from revgrad.benchmark import TrainStep, revnet_stage, unavailable
-from revgrad.measure import machine_info, pin_malloc, step_memory, time_interleaved
+from revgrad.tools.benchmark import TrainStep, revnet_stage, unavailable
+from revgrad.tools.measure import machine_info, pin_malloc, step_memory, time_interleaved
 
 
 def graph_bytes(workload) -> tuple[int, int]:

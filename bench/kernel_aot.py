@@ -144,7 +144,7 @@ def launcher_calls(kernels) -> Iterator[tuple[str, Callable[[], object]]]:
     """``(label, call)`` for every launcher over the dtype / mode / geometry matrix (CPU tensors)."""
     import torch
 
-    from revgrad.fingerprint import sign_tables
+    from revgrad.ops.fingerprint import sign_tables
 
     gen = torch.Generator().manual_seed(0)
     for geometry, shape, full_rows, heavy_rows in GEOMETRIES:

@@ -3,7 +3,7 @@
 Providers compute the same outputs, extra outputs included (fingerprints, log-determinants):
 
 * ``triton``: the kernels of ``revgrad.kernels`` (their launchers, no autograd);
-* ``eager``: the PyTorch twins in ``revgrad.fused`` / ``revgrad.fingerprint``, op by op;
+* ``eager``: the PyTorch twins in ``revgrad.ops.fused`` / ``revgrad.fingerprint``, op by op;
 * ``compile``: ``torch.compile`` of the same twins (what the compiler makes of the same math): one
   compiled function per op, dtype and shape, each with its own code object, so that no function
   collects more than one compiled graph (dynamo keeps its cache per code object and, past
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from revgrad import fused
-from revgrad.fingerprint import fingerprint_reference, sign_tables
+from revgrad.ops import fused
+from revgrad.ops.fingerprint import fingerprint_reference, sign_tables
 
 OPS = ("fingerprint", "affine_forward", "affine_inverse", "affine_backward", "residual")
 PROVIDERS = ("triton", "eager", "compile")

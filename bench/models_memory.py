@@ -2,7 +2,7 @@
 
     python bench/models_memory.py [--batch 16] [--check correct]
 
-CPU bytes counted by glibc (revgrad.memory.MemoryProbe), CUDA bytes from the allocator when run on a
+CPU bytes counted by glibc (revgrad.tools.memory.MemoryProbe), CUDA bytes from the allocator when run on a
 GPU (``--device cuda``). Same weights for both variants (the state dicts are interchangeable).
 """
 
@@ -14,7 +14,7 @@ import gc
 import torch
 
 from revgrad import models
-from revgrad.memory import MemoryProbe
+from revgrad.tools.memory import MemoryProbe
 
 
 def held_mib(model: torch.nn.Module, x: torch.Tensor) -> float:

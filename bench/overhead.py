@@ -3,7 +3,7 @@
     python bench/overhead.py                         # 12-block RevNet stage, one thread
     python bench/overhead.py --parts ratios --rounds 12 --json bench/out/overhead.json
 
-Three measurements, each with every provider interleaved round by round (``revgrad.measure``):
+Three measurements, each with every provider interleaved round by round (``revgrad.tools.measure``):
 
 1. **Recompute bound** at the stage's real size: plain autograd's forward without grad, as a fraction
    of plain autograd's training step. Any method that evaluates every block once more in backward
@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import revgrad
-from revgrad.benchmark import TrainStep, revnet_stage, unavailable
-from revgrad.measure import machine_info, pin_malloc, time_interleaved
+from revgrad.tools.benchmark import TrainStep, revnet_stage, unavailable
+from revgrad.tools.measure import machine_info, pin_malloc, time_interleaved
 
 PROVIDERS = ("plain", "revlib", "memcnn", "revgrad-off", "revgrad-correct")
 TINY = {"batch": 2, "channels": 4, "size": 2}

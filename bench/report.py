@@ -8,7 +8,7 @@
 
 Every part prints a markdown table and writes JSON to ``bench/out/`` (``--json`` to choose; the
 models part rewrites it after each model, so a run cut short keeps the models it finished). Same
-providers, steps and measurements as ``revgrad bench`` (:mod:`revgrad.benchrun`): memory by the
+providers, steps and measurements as ``revgrad bench`` (:mod:`revgrad.tools.benchrun`): memory by the
 allocator (glibc on CPU, ``max_memory_allocated`` on CUDA), step times interleaved across providers
 with ratios to plain autograd paired per round, one torch thread on CPU unless ``--threads``. The
 float64 agreement check of the models part runs on ``--device`` (on CUDA, the engine's CUDA path).
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from revgrad.benchmark import (
+from revgrad.tools.benchmark import (
     PROVIDERS,
     TrainStep,
     Workload,
@@ -35,8 +35,8 @@ from revgrad.benchmark import (
     revnet_model,
     revnet_stage,
 )
-from revgrad.benchrun import bench_session, largest_batches, measure_providers, resolve_device, workload_info
-from revgrad.measure import machine_info, step_memory
+from revgrad.tools.benchrun import bench_session, largest_batches, measure_providers, resolve_device, workload_info
+from revgrad.tools.measure import machine_info, step_memory
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 MIB = 2**20

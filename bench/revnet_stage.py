@@ -1,6 +1,6 @@
 """The 12-block RevNet stage, wrapped by every memory-saving provider.
 
-The stage, the providers and the agreement check live in the package, :mod:`revgrad.benchmark`
+The stage, the providers and the agreement check live in the package, :mod:`revgrad.tools.benchmark`
 (so that ``revgrad bench`` works from an installed package; its docstring describes every provider):
 ``N`` additive couplings (Gomez et al. 2017) on the channel halves of ``x: [B, C, H, W]``::
 
@@ -16,7 +16,7 @@ This module names what ``bench/step_time.py`` and ``bench/test_bench_revnet_stag
 
 from __future__ import annotations
 
-from revgrad.benchmark import (
+from revgrad.tools.benchmark import (
     FP32_TOL,
     FP64_TOL,
     PROVIDERS,
@@ -32,8 +32,8 @@ from revgrad.benchmark import (
     revnet_stage,
     unavailable,
 )
-from revgrad.benchmark import compare_with_plain as _compare_with_plain
-from revgrad.measure import pin_malloc, step_memory
+from revgrad.tools.benchmark import compare_with_plain as _compare_with_plain
+from revgrad.tools.measure import pin_malloc, step_memory
 
 __all__ = [
     "FP32_TOL",

@@ -4,7 +4,7 @@
 
 One provider per process on purpose: measured one after another in one process, a later provider's
 count drops whenever garbage of an earlier one is freed during its step. Bytes from glibc
-(``revgrad.measure.step_memory``), above the level before the step.
+(``revgrad.tools.measure.step_memory``), above the level before the step.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import sys
 
 import torch
 
-from revgrad.benchmark import PROVIDERS, TrainStep, revnet_stage
-from revgrad.measure import step_memory
+from revgrad.tools.benchmark import PROVIDERS, TrainStep, revnet_stage
+from revgrad.tools.measure import step_memory
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ Usage::
    float32: as timed; see :class:`revnet_stage.Agreement`). A provider that disagrees stays in the
    table, marked as disagreeing.
 2. Warms every provider up, then counts the bytes each holds between forward and backward
-   (:class:`revgrad.memory.MemoryProbe`, in units of one activation of the stage input).
+   (:class:`revgrad.tools.memory.MemoryProbe`, in units of one activation of the stage input).
 3. Times ``rounds`` rounds; in each round every provider runs ``steps`` training steps in turn
    (forward, backward, ``optimizer.zero_grad``; a fresh input per step, made outside the timed
    region), the provider order rotating from round to round, so that a noisy machine slows all
@@ -53,7 +53,7 @@ from revnet_stage import (
     train_steps,
 )
 
-from revgrad.measure import available_cores, load_average, machine_info, paired_ratio, quantile
+from revgrad.tools.measure import available_cores, load_average, machine_info, paired_ratio, quantile
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
 

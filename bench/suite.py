@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from revgrad.benchmark import PROVIDERS, TrainStep, Workload, glow_stage, revnet_model, revnet_stage, unavailable
-from revgrad.measure import pin_malloc, step_memory
+from revgrad.tools.benchmark import PROVIDERS, TrainStep, Workload, glow_stage, revnet_model, revnet_stage, unavailable
+from revgrad.tools.measure import pin_malloc, step_memory
 
 FULL = os.environ.get("REVGRAD_BENCH_FULL", "") == "1"
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
@@ -98,7 +98,7 @@ def bench_step(benchmark, workload: Workload, provider: str, device: str, **info
     """
     runnable(provider, workload, device)
     if device == "cpu":
-        pin_malloc()  # warm pages for every provider (see revgrad.measure.pin_malloc)
+        pin_malloc()  # warm pages for every provider (see revgrad.tools.measure.pin_malloc)
     step = TrainStep(workload.build(provider, device=device), workload.input(device=device), workload.seed)
     memory = step_memory(step, device)
     extra = benchmark.extra_info

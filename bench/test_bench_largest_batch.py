@@ -15,8 +15,8 @@ import pytest
 import torch
 from suite import BUDGET_DEPTH, BUDGET_MIB, DEVICE_PARAMS, IGNORE_MEMCNN_WARNING, PROVIDER_PARAMS, runnable, stage
 
-from revgrad.benchrun import largest_batches
-from revgrad.memory import cpu_counting_available
+from revgrad.tools.benchrun import largest_batches
+from revgrad.tools.memory import cpu_counting_available
 
 pytestmark = [
     IGNORE_MEMCNN_WARNING,

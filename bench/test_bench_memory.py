@@ -24,9 +24,9 @@ from suite import (
     stage,
 )
 
-from revgrad.benchmark import TrainStep, revnet_stage
-from revgrad.measure import step_memory
-from revgrad.memory import cpu_counting_available
+from revgrad.tools.benchmark import TrainStep, revnet_stage
+from revgrad.tools.measure import step_memory
+from revgrad.tools.memory import cpu_counting_available
 
 pytestmark = [
     IGNORE_MEMCNN_WARNING,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 from suite import DEVICE_PARAMS, IGNORE_MEMCNN_WARNING, PROVIDER_PARAMS, bench_step, models
 
-from revgrad.benchmark import PROVIDERS, Workload, compare_with_plain, glow_stage, revnet_model
+from revgrad.tools.benchmark import PROVIDERS, Workload, compare_with_plain, glow_stage, revnet_model
 
 pytestmark = IGNORE_MEMCNN_WARNING
 

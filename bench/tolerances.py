@@ -18,7 +18,8 @@ from chains import healthy_chain
 from reference import scalar_loss
 
 import revgrad
-from revgrad.fingerprint import fingerprint, relative_error, signs
+from revgrad.engine.checks import relative_error
+from revgrad.ops.fingerprint import fingerprint, signs
 
 
 def noise_floor(dtype: torch.dtype) -> float:

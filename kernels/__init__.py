@@ -2,10 +2,10 @@
 
 This package imports only torch and triton, never the rest of revgrad: every kernel here has a
 pure-PyTorch twin in ``revgrad/`` that is the CPU path and the test reference
-(``revgrad.fused``). Launchers allocate outputs, pick the grid and block size and know nothing of
-autograd; ``revgrad.fused`` wraps them in ``torch.autograd.Function``\\ s and dispatches.
+(``revgrad.ops.fused``). Launchers allocate outputs, pick the grid and block size and know nothing of
+autograd; ``revgrad.ops.fused`` wraps them in ``torch.autograd.Function``\\ s and dispatches.
 
-Importing this package imports triton; ``revgrad.dispatch`` only does so when kernels are used.
+Importing this package imports triton; ``revgrad.ops.dispatch`` only does so when kernels are used.
 """
 
 from .additive_coupling import FP_NONE, FP_OF_A, FP_OF_OUT, residual

@@ -9,7 +9,7 @@ residual op over a range ``[OFF, OFF + LEN)`` of every flattened sample (``D`` e
 materialized), ``r`` the sub-network output ``[B, LEN]``. The kernel can fold in the fingerprint of
 ``a`` (forward: the block input) or of ``out`` as stored (inverse: the rebuilt input) over its range;
 programs align to the global 128-element chunks, so the partials of the two halves add up to the
-fingerprint of the whole sample. Math in float32. Reference twin: ``revgrad.fused.residual``.
+fingerprint of the whole sample. Math in float32. Reference twin: ``revgrad.ops.fused.residual``.
 """
 
 from __future__ import annotations

@@ -15,8 +15,8 @@ Scales (``KIND``): 0 ``sigmoid(raw + 2)`` (Glow), 1 ``exp(raw)`` (RealNVP),
 Each program owns ``BLOCK`` elements of one sample (``B * programs`` programs on one grid axis, see
 :func:`.fingerprint.launch_grid`): the copy of the pass-through half, the elementwise math, the
 per-program partial of the log-determinant and of the fingerprint (see :mod:`.fingerprint`), summed
-by the launcher in float64. The reference twins are ``revgrad.fused.affine_coupling*_reference``
-(``revgrad.fused.affine_*_reference`` for the elementwise part).
+by the launcher in float64. The reference twins are ``revgrad.ops.fused.affine_coupling*_reference``
+(``revgrad.ops.fused.affine_*_reference`` for the elementwise part).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ runs in float64, and the program writes its ``[M]`` partial to a ``[B, programs,
 buffer that the launcher sums. Chunks start at element 0 of every sample, so a kernel that covers
 only part of a sample (one half of a coupling) yields partials that add up to the full fingerprint.
 
-The weight tables come from the caller (``revgrad.fingerprint.sign_tables``; any float32 values, the
+The weight tables come from the caller (``revgrad.ops.fingerprint.sign_tables``; any float32 values, the
 kernels assume nothing of them): this package never imports the rest of revgrad.
 
 Grid: one axis, ``B * programs`` programs (:func:`launch_grid`); program ``pid`` is block

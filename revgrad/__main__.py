@@ -1,6 +1,6 @@
 """``python -m revgrad``: the same as the ``revgrad`` command."""
 
-from .cli import main
+from .tools.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import revgrad
-import revgrad.anchors
+import revgrad.engine.anchors
 
 
 class Flip(nn.Module):
@@ -176,7 +176,7 @@ def reconstruction_errors(
     n = len(blocks)
     stored: set[int] = set()  # blocks whose input the engine keeps
     if anchors not in ("outputs", None):
-        stored = set(revgrad.anchors.regular_anchors(n, None if anchors == "default" else int(anchors)))
+        stored = set(revgrad.engine.anchors.regular_anchors(n, None if anchors == "default" else int(anchors)))
     with torch.no_grad(), torch.autocast(
         x.device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None
     ):

@@ -46,10 +46,10 @@ def _cuda_code_path_on_cpu(request, monkeypatch):
         return
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.fail("the CPU dry run of the CUDA tests needs TRITON_INTERPRET=1 (kernels through the interpreter)")
-    import revgrad.engine
+    import revgrad.engine.backprop
 
     monkeypatch.setenv("REVGRAD_KERNELS", "triton")
-    monkeypatch.setattr(revgrad.engine, "DEFER_CHECKS", "always")
+    monkeypatch.setattr(revgrad.engine.backprop, "DEFER_CHECKS", "always")
     yield
 
 

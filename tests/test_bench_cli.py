@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from revgrad.benchmark import PROVIDERS, unavailable
-from revgrad.cli import main
-from revgrad.memory import cpu_counting_available
+from revgrad.tools.benchmark import PROVIDERS, unavailable
+from revgrad.tools.cli import main
+from revgrad.tools.memory import cpu_counting_available
 
 pytestmark = [
     pytest.mark.skipif(not cpu_counting_available(), reason="needs glibc mallinfo2 to count bytes"),
@@ -120,7 +120,7 @@ def test_cuda_without_cuda_is_refused(capsys, tmp_path):
 
 
 def test_missing_peer_is_skipped_with_a_note(monkeypatch, tmp_path, capsys):
-    from revgrad import benchmark
+    from revgrad.tools import benchmark
 
     monkeypatch.setitem(benchmark._PEER_MODULES, "revlib", None)
     status = main(["bench", *TINY, "--steps", "1", "--depths", "2", "--providers", "revlib", "--no-check",

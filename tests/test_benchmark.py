@@ -1,14 +1,14 @@
-"""revgrad.benchmark / revgrad.measure: the pieces under ``revgrad bench`` and the bench/ suites."""
+"""revgrad.tools.benchmark / revgrad.tools.measure: the pieces under ``revgrad bench`` and the bench/ suites."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from revgrad import benchmark
-from revgrad.benchmark import PROVIDERS, TrainStep, glow_stage, revnet_model, revnet_stage, unavailable
-from revgrad.measure import largest_batch, paired_ratio, step_memory, time_interleaved
-from revgrad.memory import MemoryProbe, cpu_counting_available
+from revgrad.tools import benchmark
+from revgrad.tools.benchmark import PROVIDERS, TrainStep, glow_stage, revnet_model, revnet_stage, unavailable
+from revgrad.tools.measure import largest_batch, paired_ratio, step_memory, time_interleaved
+from revgrad.tools.memory import MemoryProbe, cpu_counting_available
 
 pytestmark = pytest.mark.filterwarnings("ignore:TypedStorage is deprecated:UserWarning")
 needs_counting = pytest.mark.skipif(not cpu_counting_available(), reason="needs glibc mallinfo2")

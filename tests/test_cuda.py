@@ -108,7 +108,8 @@ def test_cuda_tests_run_in_ieee_float32_and_on_the_cuda_code_path(monkeypatch):
     run the kernels and deferred checks, as on CUDA: an additive chain runs its residual kernels."""
     from conftest import IEEE_FLOAT32, float32_precision
 
-    from revgrad import dispatch, engine
+    from revgrad.engine import backprop as engine
+    from revgrad.ops import dispatch
 
     assert float32_precision() == IEEE_FLOAT32
     assert dispatch.use_kernels(torch.zeros(2, device=DEVICE))

@@ -11,9 +11,9 @@ import sys
 import pytest
 
 from revgrad import BackwardReport, ReversibleSequential, __version__, reversible
-from revgrad.cli import main
-from revgrad.demo import DemoResult, build_model, load_digits_data, run_demo
-from revgrad.memory import cpu_counting_available
+from revgrad.tools.cli import main
+from revgrad.tools.demo import DemoResult, build_model, load_digits_data, run_demo
+from revgrad.tools.memory import cpu_counting_available
 
 pytest.importorskip("sklearn")  # the demo's data set
 

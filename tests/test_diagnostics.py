@@ -1,4 +1,4 @@
-"""revgrad.diagnostics: stability_report and ood_probes."""
+"""revgrad.analysis.diagnostics: stability_report and ood_probes."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from chains import assert_unstable, conv_branch, exploding_chain
 from torch import nn
 
 import revgrad
-from revgrad.diagnostics import StabilityReport, lipschitz_bound, ood_probes, stability_report
+from revgrad.analysis.diagnostics import StabilityReport, lipschitz_bound, ood_probes, stability_report
 
 
 def _x(shape=(2, 4, 4, 4), seed: int = 1) -> torch.Tensor:

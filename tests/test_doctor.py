@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from revgrad.cli import main
-from revgrad.doctor import find_chain, run_doctor
+from revgrad.tools.cli import main
+from revgrad.tools.doctor import find_chain, run_doctor
 
 pytest.importorskip("sklearn")
 
@@ -36,7 +36,7 @@ def test_doctor_cli_runs_and_writes_json(tmp_path, capsys):
 
 
 def test_doctor_loads_a_saved_module(tmp_path):
-    from revgrad.doctor import build_named
+    from revgrad.tools.doctor import build_named
 
     model = build_named("glow")
     path = tmp_path / "model.pt"

@@ -12,7 +12,7 @@ from reference import TOL, assert_rel_close, named_grads, plain_chain, scalar_lo
 from torch import nn
 
 import revgrad
-from revgrad.memory import MemoryProbe, cpu_counting_available
+from revgrad.tools.memory import MemoryProbe, cpu_counting_available
 
 SHAPE = (4, 16, 8, 8)
 

@@ -12,9 +12,9 @@ from reference import assert_rel_close, plain_chain, scalar_loss
 from torch import nn
 
 import revgrad
-from revgrad import dispatch
-from revgrad.fingerprint import fingerprint, fingerprint_parts
-from revgrad.halves import Halves, full, split
+from revgrad.engine.halves import Halves, full, split
+from revgrad.ops import dispatch
+from revgrad.ops.fingerprint import fingerprint, fingerprint_parts
 
 
 @pytest.mark.parametrize("shape", [(3, 8, 4, 4), (2, 32, 16, 16), (2, 5, 3, 3), (2, 256, 1, 1)],

@@ -12,7 +12,7 @@ from reference import assert_rel_close, plain_chain, scalar_loss
 from torch import nn
 
 import revgrad
-from revgrad.interop import FrEIABlock, freia_blocks
+from revgrad.blocks.interop import FrEIABlock, freia_blocks
 
 CHECKS = ["off", "detect", "correct"]
 

@@ -1,4 +1,4 @@
-"""Triton kernels (``revgrad.kernels``) against their PyTorch twins (``revgrad.fused``, fingerprint).
+"""Triton kernels (``revgrad.kernels``) against their PyTorch twins (``revgrad.ops.fused``, fingerprint).
 
 Runs on CUDA when present, else on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``,
 as the README's test command sets). Shapes are small and odd: the interpreter is slow.
@@ -28,8 +28,9 @@ from reference import TOL, assert_rel_close, named_grads, plain_chain, scalar_lo
 from torch import nn
 
 import revgrad
-from revgrad import dispatch, fused
-from revgrad.fingerprint import fingerprint_reference, relative_error, sign_tables
+from revgrad.engine.checks import relative_error
+from revgrad.ops import dispatch, fused
+from revgrad.ops.fingerprint import fingerprint_reference, sign_tables
 
 if torch.cuda.is_available():
     DEVICE = "cuda"
@@ -292,7 +293,7 @@ def test_glow_stage_trains_with_kernels_like_plain_autograd(check):
 
 def test_fused_blocks_fingerprint_inside_their_kernels(monkeypatch):
     """With kernels on, the engine never fingerprints a coupling's input itself."""
-    import revgrad.engine as engine
+    import revgrad.engine.backprop as engine
 
     calls = []
     real, real_parts = engine.fingerprint, engine.fingerprint_parts

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from revgrad import dispatch
+from revgrad.ops import dispatch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "kernel_aot.py"

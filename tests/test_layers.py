@@ -1,4 +1,4 @@
-"""Invertible layers (revgrad.layers): round trips, logdet against a float64 numerical Jacobian,
+"""Invertible layers (revgrad.blocks.layers): round trips, logdet against a float64 numerical Jacobian,
 gradients through revgrad.reversible against plain autograd, ActNorm's data-dependent init,
 Lipschitz bounds against the Jacobian's singular values, and bad input."""
 
@@ -12,8 +12,8 @@ from reference import TOL, assert_rel_close, plain_chain, scalar_loss
 from torch import nn
 
 import revgrad
-from revgrad.layers import ActNorm, InvertibleConv1x1, Reverse, Shuffle, Squeeze
-from revgrad.protocol import BlockError
+from revgrad.blocks.layers import ActNorm, InvertibleConv1x1, Reverse, Shuffle, Squeeze
+from revgrad.engine.protocol import BlockError
 
 
 def _randomized(layer: nn.Module, seed: int = 0) -> nn.Module:

@@ -10,7 +10,7 @@ from chains import conv_branch
 from torch import nn
 
 import revgrad
-from revgrad.memory import MemoryProbe, cpu_counting_available
+from revgrad.tools.memory import MemoryProbe, cpu_counting_available
 
 pytestmark = pytest.mark.skipif(not cpu_counting_available(), reason="needs glibc mallinfo2 to count bytes")
 
@@ -75,7 +75,7 @@ def test_check_off_step_peak(x):
     7.1 activations measured: the input's gradient, the output and its gradient, one block's
     recompute graph (~4 activations) and the block's input and its gradient. It was 9.7 before the
     engine dropped each block's output once its input was rebuilt, 8.1 before it passed couplings
-    their halves (revgrad.halves): the bound catches either regression.
+    their halves (revgrad.engine.halves): the bound catches either regression.
     """
     model = revgrad.reversible(_stage(16), check="off")
     model(x).sum().backward()  # lazily created state is not the step's memory

@@ -16,7 +16,7 @@ from revgrad.models import RevDownsample, RevNet, revnet38, revnet110, revnet164
 # Gomez et al. 2017, Table 1 (CIFAR-10 parameter counts).
 PAPER_PARAMS = {"revnet38": 0.46e6, "revnet110": 1.73e6, "revnet164": 1.75e6}
 BUILDERS = {"revnet38": revnet38, "revnet110": revnet110, "revnet164": revnet164}
-HAS_LAYERS = importlib.util.find_spec("revgrad.layers") is not None
+HAS_LAYERS = importlib.util.find_spec("revgrad.blocks.layers") is not None
 
 
 def _count(model: nn.Module) -> int:
@@ -115,7 +115,7 @@ def test_revnet38_training_step_fp32():
         assert_rel_close(buffers[name].double(), b.double(), tol=1e-4, name=name)
 
 
-@pytest.mark.skipif(not HAS_LAYERS, reason="revgrad.layers (ActNorm, Shuffle, Squeeze, ...) is not there yet")
+@pytest.mark.skipif(not HAS_LAYERS, reason="revgrad.blocks.layers (ActNorm, Shuffle, Squeeze, ...) is not there yet")
 @pytest.mark.parametrize(
     "coupling, permutation", [("affine", "shuffle"), ("additive", "conv"), ("affine", "reverse")]
 )
@@ -176,7 +176,7 @@ def test_revnet_rejects_odd_width():
         RevNet((1,), (33,), strides=(1,))
 
 
-@pytest.mark.skipif(not HAS_LAYERS, reason="revgrad.layers (ActNorm, Shuffle, Squeeze, ...) is not there yet")
+@pytest.mark.skipif(not HAS_LAYERS, reason="revgrad.blocks.layers (ActNorm, Shuffle, Squeeze, ...) is not there yet")
 def test_glow_classifier_defaults_first_step():
     """Default configuration, memory_saving=True from the builder, first step (ActNorm initializes)."""
     from revgrad.models import GlowClassifier, glow_classifier

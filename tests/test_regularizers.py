@@ -9,7 +9,7 @@ from reference import assert_rel_close, plain_chain
 from torch import nn
 
 import revgrad
-from revgrad.regularizers import PenaltySchedule, finite_difference_penalty
+from revgrad.analysis.regularizers import PenaltySchedule, finite_difference_penalty
 
 F64 = torch.float64
 

@@ -20,7 +20,7 @@ from reference import TOL, assert_rel_close, plain_chain, scalar_loss
 from torch import nn
 
 import revgrad
-from revgrad.replay import RandomReplayError
+from revgrad.engine.replay import RandomReplayError
 
 DT = torch.float64
 CHECKS = ["off", "detect", "correct"]

@@ -274,14 +274,14 @@ def test_fused_blocks_differentiate_at_their_stored_input(monkeypatch):
     x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
     _assert_drifting_premise(net, x, bad=8)
     generic: list[int] = []
-    original = revgrad.engine._Backward._recompute_vjp
+    original = revgrad.engine.backprop._Backward._recompute_vjp
 
     def spy(self, i, *args):
         generic.append(i)
         return original(self, i, *args)
 
-    monkeypatch.setattr(revgrad.engine._Backward, "_recompute_vjp", spy)
-    monkeypatch.setattr(revgrad.engine, "DEFER_CHECKS", "never")  # one pass: each recompute once
+    monkeypatch.setattr(revgrad.engine.backprop._Backward, "_recompute_vjp", spy)
+    monkeypatch.setattr(revgrad.engine.backprop, "DEFER_CHECKS", "never")  # one pass: each recompute once
     gx_ref, gp_ref = _reference_grads(net, x)
     model, gx, gp = _revgrad_grads(net, x, probe_every=0)  # a probe recomputes blocks once more
     assert model.last_report.anchors == [0, 3, 6]
@@ -298,15 +298,15 @@ def test_fused_blocks_differentiate_at_their_stored_input(monkeypatch):
 @pytest.fixture
 def deferred(monkeypatch):
     """Checks deferred as on CUDA, on any device; counts the per-block reads (``_measure``)."""
-    monkeypatch.setattr(revgrad.engine, "DEFER_CHECKS", "always")
+    monkeypatch.setattr(revgrad.engine.backprop, "DEFER_CHECKS", "always")
     reads: list[int] = []
-    original = revgrad.engine._Backward._measure
+    original = revgrad.engine.backprop._Backward._measure
 
     def spy(self, err, i):
         reads.append(i)
         return original(self, err, i)
 
-    monkeypatch.setattr(revgrad.engine._Backward, "_measure", spy)
+    monkeypatch.setattr(revgrad.engine.backprop._Backward, "_measure", spy)
     return reads
 
 
@@ -371,7 +371,7 @@ def test_deferred_detect_raises_for_the_block_nearest_the_output(monkeypatch):
     x = torch.randn(3, 4, 5, 7)
     errors = {}
     for defer in ("never", "always"):
-        monkeypatch.setattr(revgrad.engine, "DEFER_CHECKS", defer)
+        monkeypatch.setattr(revgrad.engine.backprop, "DEFER_CHECKS", defer)
         model = revgrad.reversible(copy.deepcopy(net), check="detect")
         with pytest.raises(revgrad.ReconstructionError) as info:
             scalar_loss(model(x.clone().requires_grad_())).backward()

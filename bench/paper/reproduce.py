@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from revgrad.demo import load_digits_data
+from revgrad.analysis.regularizers import PenaltySchedule
 from revgrad.models import glow_classifier
-from revgrad.regularizers import PenaltySchedule
+from revgrad.tools.demo import load_digits_data
 
 RUNS = ("additive", "affine-off", "affine-correct", "affine-off-fd")
 

@@ -37,28 +37,20 @@ A NaN or Inf anywhere in the rebuilt sample makes its error NaN, and NaN never p
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-import math
-from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 
 from . import dispatch
 
 __all__ = [
+    "CHUNK",
     "DEFAULT_DIRECTIONS",
-    "FingerprintRequest",
-    "default_tol",
     "fingerprint",
     "fingerprint_parts",
-    "relative_error",
-    "requesting",
+    "fingerprint_reference",
     "sign_tables",
     "signs",
-    "take_request",
 ]
 
 DEFAULT_DIRECTIONS = 8
@@ -125,7 +117,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def fingerprint(x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.Tensor:
     """Fingerprint of ``x`` (shape ``[B, ...]``): a ``[B, directions]`` float64 tensor.
 
-    Runs as the Triton kernel ``revgrad.kernels.fingerprint`` where :mod:`revgrad.dispatch` says so.
+    Runs as the Triton kernel ``revgrad.kernels.fingerprint`` where :mod:`revgrad.ops.dispatch` says so.
     """
     if x.dim() > 0 and x.shape[0] > 0 and dispatch.use_kernels(x):
         dim = x[0].numel()
@@ -187,75 +179,3 @@ def fingerprint_reference(
         out = tail.to(torch.float64) if out is None else out + tail
     assert out is not None  # dim >= 1: chunks or rest
     return out.t()
-
-
-def relative_error(rebuilt: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
-    """Largest per-sample relative distance between two fingerprints (0-dim tensor; +inf if any is non-finite).
-
-    A sample whose fingerprint is (near) zero is measured against the batch's mean norm instead, so
-    an all-zero sample cannot turn rounding noise into a false alarm.
-    """
-    diff = torch.linalg.vector_norm(rebuilt - stored, dim=1)
-    norm = torch.linalg.vector_norm(stored, dim=1)
-    floor = norm.mean() * 1e-3 + torch.finfo(norm.dtype).tiny
-    err = diff / torch.maximum(norm, floor)
-    # A reduction may drop NaN on some backends: NaN becomes +inf first, which any max keeps (and
-    # which fails every check as NaN would).
-    return err.nan_to_num(nan=math.inf).amax()
-
-
-_TOL = {
-    torch.float64: 1e-9,
-    torch.float32: 1e-5,
-    torch.bfloat16: 3e-2,
-    torch.float16: 4e-3,
-}
-
-
-def default_tol(dtype: torch.dtype) -> float:
-    """Default relative tolerance for a chain computing in ``dtype`` (the autocast dtype when on).
-
-    See ``docs/architecture.md`` ("Tolerances") for the measurement behind these values.
-    """
-    return _TOL.get(dtype, 1e-5)
-
-
-# --------------------------------------------------------------------------------------------------
-# Fused fingerprints: a block whose kernel reads (forward) or writes (backward) the tensor anyway can
-# fingerprint it in the same pass. The engine opens a request around the call; the block takes it.
-
-
-@dataclass
-class FingerprintRequest:
-    """The engine asks for the fingerprint of ``target`` (forward: the block input; backward: None,
-    meaning the input the block rebuilds). A block that computes it stores it in ``value``."""
-
-    target: torch.Tensor | None
-    value: torch.Tensor | None = None
-
-
-_REQUEST: contextvars.ContextVar[FingerprintRequest | None] = contextvars.ContextVar(
-    "revgrad_fingerprint_request", default=None
-)
-
-
-@contextlib.contextmanager
-def requesting(request: FingerprintRequest | None) -> Iterator[FingerprintRequest | None]:
-    """Make ``request`` the one a block call may take (the engine wraps each block call)."""
-    token = _REQUEST.set(request)
-    try:
-        yield request
-    finally:
-        _REQUEST.reset(token)
-
-
-def take_request(target: torch.Tensor | None) -> FingerprintRequest | None:
-    """For a block: the engine's request if it is for ``target`` (None outside the engine).
-
-    Taking clears it, so sub-networks, and blocks nested in them, never see it.
-    """
-    request = _REQUEST.get()
-    if request is None:
-        return None
-    _REQUEST.set(None)
-    return request if request.target is target else None

@@ -1,11 +1,11 @@
 """``revgrad bench``: memory and step time of every provider on the RevNet stage, over depth.
 
-For every depth, every provider trains the same stage (:func:`revgrad.benchmark.revnet_stage`, same
+For every depth, every provider trains the same stage (:func:`revgrad.tools.benchmark.revnet_stage`, same
 initial weights): the bytes held between forward and backward and the peak of the step
-(:func:`revgrad.measure.step_memory`), then the step time, providers interleaved round by round
-(:func:`revgrad.measure.time_interleaved`), with ratios to plain autograd measured in the same run.
+(:func:`revgrad.tools.measure.step_memory`), then the step time, providers interleaved round by round
+(:func:`revgrad.tools.measure.time_interleaved`), with ratios to plain autograd measured in the same run.
 A float64 check first makes sure every provider computes plain autograd's gradients. Optionally, the
-largest batch whose step fits a byte budget (:func:`revgrad.measure.largest_batch`).
+largest batch whose step fits a byte budget (:func:`revgrad.tools.measure.largest_batch`).
 
 The result (:func:`run_bench`) is a JSON-ready dict; :func:`format_table` prints it,
 :func:`write_outputs` writes ``bench.json`` and ``bench.png`` (memory and time vs depth; needs
@@ -174,7 +174,7 @@ def bench_session(device: torch.device, threads: int | None) -> Iterator[bool]:
     """Measuring conditions for a run; yields whether glibc's malloc thresholds were pinned.
 
     torch CPU threads set to ``threads`` (None: 1 on CPU, torch's setting on CUDA) and restored after;
-    glibc's malloc thresholds pinned on CPU (:func:`revgrad.measure.pin_malloc`, warm pages for every
+    glibc's malloc thresholds pinned on CPU (:func:`revgrad.tools.measure.pin_malloc`, warm pages for every
     provider); memcnn's deprecation warning for the ``TypedStorage`` API it uses once per block and
     step silenced; the objects alive at the start moved out of the garbage collector's sight
     (``gc.freeze``): the measurements collect garbage before every step, and with torch's and
@@ -198,8 +198,8 @@ def measure_providers(workload: Workload, providers: Sequence[str], device: torc
                       warmup: int = 1, on_step: Callable[[], None] | None = None) -> dict[str, dict[str, Any]]:
     """Memory and step time of every provider on ``workload`` (``plain`` among them for the ratios).
 
-    Memory first, provider by provider (:func:`revgrad.measure.step_memory`), then ``rounds``
-    interleaved timed steps (:func:`revgrad.measure.time_interleaved`). Per provider: ``held_bytes``,
+    Memory first, provider by provider (:func:`revgrad.tools.measure.step_memory`), then ``rounds``
+    interleaved timed steps (:func:`revgrad.tools.measure.time_interleaved`). Per provider: ``held_bytes``,
     ``peak_bytes``, ``step_ms`` (median), ``step_ms_p25`` / ``step_ms_p75``, ``images_per_s`` (batch /
     median step), ``ratio`` (step time / plain's, paired per round), ``held_ratio`` and ``peak_ratio``
     (bytes / plain's) and ``times_ms``. ``on_step`` is called after every step (memory or timed).
@@ -235,7 +235,7 @@ def largest_batches(workload: Workload, providers: Sequence[str], budget_bytes: 
                     tolerance: float = 1 / 32, on_probe: Callable[[str, int, bool], None] | None = None
                     ) -> dict[str, int]:
     """Per provider, the largest batch whose step fits ``budget_bytes``: input bytes + peak bytes of a
-    step on ``workload`` at that batch (:func:`revgrad.measure.largest_batch`, within ``tolerance``).
+    step on ``workload`` at that batch (:func:`revgrad.tools.measure.largest_batch`, within ``tolerance``).
 
     On CUDA an out-of-memory error counts as not fitting. On CPU nothing limits the allocation: the
     bytes are counted, so a budget well above the machine's free memory would swap or fail.

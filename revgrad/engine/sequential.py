@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .anchors import AdaptiveAnchors
-from .engine import CheckMode, EngineConfig, _is_int, run_chain, run_plain
+from .backprop import CheckMode, EngineConfig, _is_int, run_chain, run_plain
 from .graph_budget import GraphBudget
 from .protocol import BlockError, is_block, require_blocks
 from .report import BackwardReport
@@ -54,17 +54,19 @@ class ReversibleSequential(nn.Sequential):
         release_after: clean steps after which an adaptive anchor is released.
         graph_budget: bytes of autograd graphs the last blocks may hold instead of being recomputed
             in backward (faster; measured per block in backward, kept from the next step on; see
-            :mod:`revgrad.graph_budget`). 0 (default): every block is reversible.
+            :mod:`revgrad.engine.graph_budget`). 0 (default): every block is reversible.
         probe_every: gradient-aware checks (``check != "off"``): in the first backward and then every
             ``probe_every`` backward passes, measure how much each block's VJP moves with the activation
             it is computed from, and tighten that activation's tolerance to ``tol / sensitivity``
-            (:mod:`revgrad.sensitivity`). 0: activations are checked against ``tol`` only.
+            (:mod:`revgrad.engine.sensitivity`). 0: activations are checked against ``tol`` only.
 
     Shapes: ``forward(x: [B, ...]) -> y`` or ``(y, logdet: [B])`` when any block returns a logdet;
     ``inverse(y) -> x`` (every child must be a block).
 
     After each backward, :attr:`last_report` holds a :class:`revgrad.BackwardReport`.
     """
+
+    chain_of_blocks = True  # a container of blocks, not a block (revgrad.is_block)
 
     def __init__(
         self,

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .diagnostics import StabilityReport, ood_probes, stability_report
-from .protocol import is_block
+from ..analysis.diagnostics import StabilityReport, ood_probes, stability_report
+from ..engine.protocol import is_block
 
 __all__ = ["NAMED_MODELS", "DoctorResult", "build_named", "find_chain", "run_doctor"]
 
 
 def _glow(exploding: bool) -> nn.Module:
-    from .models import glow_classifier
+    from ..models.glow import glow_classifier
 
     torch.manual_seed(0)
     model = glow_classifier(in_channels=1, num_classes=10, levels=2, depth=4, coupling="affine", scale="sigmoid")

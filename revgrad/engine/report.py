@@ -34,7 +34,7 @@ class BackwardReport:
         rerun: a deferred check failed, so the pass ran again with a check per block (and the
             corrections); ``evaluations`` counts both passes.
         probed: this backward measured the VJPs' sensitivity to their activations
-            (:mod:`revgrad.sensitivity`); the probes' evaluations are counted in ``evaluations``.
+            (:mod:`revgrad.engine.sensitivity`); the probes' evaluations are counted in ``evaluations``.
         sensitivity: on a probed backward, per block, how many times as much (relative) its VJP
             moved as the activation it is computed from (NaN where that activation was exact);
             empty otherwise. A block whose activation was too far for that is corrected.

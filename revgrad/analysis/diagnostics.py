@@ -30,8 +30,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .couplings import AdditiveCoupling, AffineCoupling
-from .protocol import block_type, require_blocks
+from ..blocks.couplings import AdditiveCoupling, AffineCoupling
+from ..engine.protocol import block_type, require_blocks
 
 __all__ = ["BlockStability", "StabilityReport", "lipschitz_bound", "ood_probes", "stability_report"]
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .protocol import BlockError
+from ..engine.protocol import BlockError
 
 __all__ = ["ActNorm", "InvertibleConv1x1", "Reverse", "Shuffle", "Squeeze"]
 

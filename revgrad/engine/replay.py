@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .protocol import BlockError
+from .errors import BlockError
 
 __all__ = [
     "RNG_LOCK",

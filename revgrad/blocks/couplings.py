@@ -28,7 +28,7 @@ and the incoming gradients::
     dx2 = dy2 * s,   dshift = dy2 * s,   draw = (dy2 * y2 + dlogdet) * dlog(s)/draw
 
 The elementwise math (split, scale, add, log-determinant, residual sums, and the fingerprint of the
-block input folded into the same pass) goes through :mod:`revgrad.fused`: Triton kernels on GPUs,
+block input folded into the same pass) goes through :mod:`revgrad.ops.fused`: Triton kernels on GPUs,
 their PyTorch twins elsewhere; both compute in float32 (float64 for float64 inputs) whatever the
 conditioner's output dtype.
 """
@@ -42,12 +42,12 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import dispatch, fused
-from .fingerprint import take_request
-from .fused import _halves, affine_backward_reference, affine_forward_reference, affine_inverse_reference
-from .halves import Halves
-from .protocol import VJP, BlockError
-from .replay import RngTape, claim_tape
+from ..engine.checks import take_request
+from ..engine.halves import Halves
+from ..engine.protocol import VJP, BlockError
+from ..engine.replay import RngTape, claim_tape
+from ..ops import dispatch, fused
+from ..ops.fused import _halves, affine_backward_reference, affine_forward_reference, affine_inverse_reference
 
 __all__ = [
     "AdditiveCoupling",
@@ -271,7 +271,7 @@ class AdditiveCoupling(_Coupling):
 
         return x, vjp
 
-    # -- the two-part path: the engine hands over the halves themselves (revgrad.halves) --------------
+    # -- the two-part path: the engine hands over the halves themselves (revgrad.engine.halves) --------------
 
     def forward_halves(self, x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``forward`` on packed halves (engine forward, no grad): ``(y1, y2)``, the same numbers."""

@@ -1,4 +1,4 @@
-"""The couplings' elementwise math as fused ops: Triton kernels where :mod:`revgrad.dispatch` says so,
+"""The couplings' elementwise math as fused ops: Triton kernels where :mod:`revgrad.ops.dispatch` says so,
 their PyTorch twins everywhere else.
 
 Every op here has one contract for both paths (shapes in each docstring); the twins are the test

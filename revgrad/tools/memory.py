@@ -69,7 +69,7 @@ def allocated_bytes(device: torch.device | str = "cpu") -> int:
         torch.cuda.synchronize(device)
         return torch.cuda.memory_allocated(device)
     if _MALLINFO2 is None:
-        raise RuntimeError("revgrad.memory: glibc mallinfo2() is not available; cannot count CPU bytes")
+        raise RuntimeError("revgrad.tools.memory: glibc mallinfo2() is not available; cannot count CPU bytes")
     info = _MALLINFO2()
     return int(info.uordblks + info.hblkhd)
 

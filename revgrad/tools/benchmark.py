@@ -51,9 +51,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint, checkpoint_sequential
 
-from . import layers, models
-from .couplings import AdditiveCoupling, AffineCoupling
-from .sequential import reversible
+from .. import models
+from ..blocks import layers
+from ..blocks.couplings import AdditiveCoupling, AffineCoupling
+from ..engine.sequential import reversible
+from ..models.glow import glow_conditioner
 
 __all__ = [
     "FP32_TOL",
@@ -165,7 +167,7 @@ class Workload:
         reason when the provider cannot run this workload here (:func:`unavailable`)."""
         reason = unavailable(provider, self)
         if reason is not None:
-            raise ValueError(f"revgrad.benchmark: {provider} cannot run {self.name}: {reason}")
+            raise ValueError(f"revgrad.tools.benchmark: {provider} cannot run {self.name}: {reason}")
         model = self.make().to(device=device, dtype=dtype)
         params = dict(model.named_parameters())
         buffers = {k: b for k, b in model.named_buffers() if b.is_floating_point()}
@@ -368,7 +370,7 @@ def revnet_stage(cfg: StageConfig | None = None, **sizes: int) -> Workload:
     cfg.size]``, branches from :func:`make_branches` (``sizes`` override ``cfg``'s fields)."""
     cfg = replace(cfg or StageConfig(), **sizes)
     if cfg.channels % 2 or cfg.blocks < 1:
-        raise ValueError(f"revgrad.benchmark: the stage needs >= 1 block and even channels, got {cfg}")
+        raise ValueError(f"revgrad.tools.benchmark: the stage needs >= 1 block and even channels, got {cfg}")
     return Workload(
         name=f"revnet-stage-{cfg.blocks}",
         description=(
@@ -393,7 +395,7 @@ def revnet_model(name: str, batch: int = 8, size: int = 32, seed: int = 0) -> Wo
     and the head keep plain autograd (``checkpoint`` checkpoints whole stages, them included).
     """
     if name not in REVNETS:
-        raise ValueError(f"revgrad.benchmark: unknown RevNet {name!r} (known: {', '.join(REVNETS)})")
+        raise ValueError(f"revgrad.tools.benchmark: unknown RevNet {name!r} (known: {', '.join(REVNETS)})")
     build = getattr(models, name)
     return Workload(
         name=name,
@@ -423,13 +425,13 @@ def glow_stage(steps: int = 8, channels: int = 12, size: int = 16, hidden: int =
     couplings are not the identity). Output ``(z [B, C, H, W], logdet [B])``.
     """
     if channels < 2:
-        raise ValueError(f"revgrad.benchmark: glow_stage needs at least 2 channels, got {channels}")
+        raise ValueError(f"revgrad.tools.benchmark: glow_stage needs at least 2 channels, got {channels}")
     c1, c2 = channels // 2, channels - channels // 2
 
     def build() -> nn.Module:
         blocks: list[nn.Module] = []
         for _ in range(steps):
-            net = models._conditioner(c1, 2 * c2, hidden)
+            net = glow_conditioner(c1, 2 * c2, hidden)
             nn.init.normal_(net[-1].weight, std=1e-2)
             blocks += [layers.ActNorm(channels), layers.InvertibleConv1x1(channels, lu=True),
                        AffineCoupling(net, scale="sigmoid")]

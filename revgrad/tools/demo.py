@@ -13,7 +13,7 @@ stages live in one ``nn.Sequential`` (``model.body``) that :func:`revgrad.revers
 place: each run of blocks trains with memory-saving backprop, the downsampling layers with plain
 autograd.
 
-:func:`run_demo` trains it, measures test accuracy, and measures with :class:`revgrad.memory.MemoryProbe`
+:func:`run_demo` trains it, measures test accuracy, and measures with :class:`revgrad.tools.memory.MemoryProbe`
 the bytes held between forward and backward for one training batch, for the revgrad model and for a
 copy of the same model (taken before conversion) that runs with plain autograd.
 """
@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .couplings import AdditiveCoupling
-from .engine import CHECK_MODES, CheckMode
+from ..blocks.couplings import AdditiveCoupling
+from ..engine.backprop import CHECK_MODES, CheckMode
+from ..engine.report import BackwardReport
+from ..engine.sequential import ReversibleSequential, reversible
+from ..models.revnet import revnet_branch
 from .memory import MemoryProbe, cpu_counting_available
-from .models import revnet_branch
-from .report import BackwardReport
-from .sequential import ReversibleSequential, reversible
 
 __all__ = [
     "DEFAULTS",

@@ -3,7 +3,7 @@ byte budget, and the machine they ran on.
 
 Memory (:func:`step_memory`): bytes that forward leaves allocated until backward (``held``) and the
 largest allocation above the level before the step (``peak``), both counted by the allocator:
-glibc's count on CPU (:class:`revgrad.memory.MemoryProbe`, the peak read between ATen operators),
+glibc's count on CPU (:class:`revgrad.tools.memory.MemoryProbe`, the peak read between ATen operators),
 ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` on CUDA. The input and the weights exist
 before counting starts.
 
@@ -120,7 +120,7 @@ def largest_batch(fits: Callable[[int], bool], *, start: int = 1, limit: int = 1
     fitted)`` is called after each probe.
     """
     if start < 1 or limit < start:
-        raise ValueError(f"revgrad.measure: largest_batch needs 1 <= start <= limit, got {start}, {limit}")
+        raise ValueError(f"revgrad.tools.measure: largest_batch needs 1 <= start <= limit, got {start}, {limit}")
 
     def probe(b: int) -> bool:
         ok = fits(b)
@@ -249,7 +249,7 @@ def pin_malloc() -> bool:
     tens of microseconds: one provider measured 240 ms per step with warm pages and 360 ms when
     re-faulting 10 MB per step. Pinning the thresholds (trim above 1 GiB, ``mmap`` only above
     32 MiB, the largest value glibc accepts) makes every provider run on warm pages. It does not
-    change what :class:`revgrad.memory.MemoryProbe` counts (bytes allocated, not bytes mapped).
+    change what :class:`revgrad.tools.memory.MemoryProbe` counts (bytes allocated, not bytes mapped).
     """
     path = ctypes.util.find_library("c")
     if path is None:
@@ -320,7 +320,7 @@ def machine_info(device: torch.device | str = "cpu", command: str | None = None)
     """What a result was measured on: CPU model and cores, torch threads, the GPU when ``device`` is
     CUDA, torch / triton / Python / peer versions, revgrad's version and checkout, load average and the
     command line."""
-    from . import __version__
+    from .. import __version__
 
     device = torch.device(device)
     info: dict[str, Any] = {

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from . import __version__
+from .. import __version__
 
 __all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
@@ -102,8 +102,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _demo_run(args: argparse.Namespace) -> int:
     import torch
 
+    from ..engine.protocol import ReconstructionError
     from .demo import DemoSettings, run_demo
-    from .protocol import ReconstructionError
 
     settings = DemoSettings(
         epochs=args.epochs, depth=args.depth, channels=args.channels, stages=args.stages,

@@ -31,12 +31,12 @@ def _unpack(out: object, module: nn.Module, direction: str) -> tuple[torch.Tenso
         outs, jac = out, None
     else:
         raise TypeError(
-            f"revgrad.interop.FrEIABlock: {type(module).__name__}({direction}) returned "
+            f"revgrad.FrEIABlock: {type(module).__name__}({direction}) returned "
             f"{type(out).__name__}; expected FrEIA's ((y,), log_jac_det)"
         )
     if len(outs) != 1 or not isinstance(outs[0], torch.Tensor):
         raise TypeError(
-            f"revgrad.interop.FrEIABlock: {type(module).__name__} returned {len(outs)} outputs; only "
+            f"revgrad.FrEIABlock: {type(module).__name__} returned {len(outs)} outputs; only "
             "modules with one input and one output can be blocks"
         )
     return outs[0], jac
@@ -54,7 +54,7 @@ def _as_logdet(jac: object, like: torch.Tensor) -> torch.Tensor:
     if jac.numel() == batch:
         return jac.reshape(batch)
     raise ValueError(
-        f"revgrad.interop.FrEIABlock: a log_jac_det of shape {tuple(jac.shape)} does not fit batch {batch}"
+        f"revgrad.FrEIABlock: a log_jac_det of shape {tuple(jac.shape)} does not fit batch {batch}"
     )
 
 
@@ -78,16 +78,16 @@ class FrEIABlock(nn.Module):
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
-            raise TypeError(f"revgrad.interop.FrEIABlock expects a FrEIA module, got {type(module).__name__}")
+            raise TypeError(f"revgrad.FrEIABlock expects a FrEIA module, got {type(module).__name__}")
         dims_in = getattr(module, "dims_in", None)
         if isinstance(dims_in, list) and len(dims_in) > 1 and all(isinstance(d, (tuple, list)) for d in dims_in):
             raise ValueError(
-                f"revgrad.interop.FrEIABlock: {type(module).__name__} has {len(dims_in)} inputs; a block "
+                f"revgrad.FrEIABlock: {type(module).__name__} has {len(dims_in)} inputs; a block "
                 "maps one tensor to one tensor"
             )
         if getattr(module, "dims_c", None):
             raise ValueError(
-                f"revgrad.interop.FrEIABlock: {type(module).__name__} is conditional (dims_c="
+                f"revgrad.FrEIABlock: {type(module).__name__} is conditional (dims_c="
                 f"{module.dims_c}); conditional FrEIA modules are not supported as blocks"
             )
         self.module = module
@@ -117,6 +117,6 @@ def freia_blocks(inn: nn.Module | Iterable[nn.Module]) -> list[FrEIABlock]:
     """
     conditions = getattr(inn, "conditions", None)
     if conditions is not None and any(c is not None for c in conditions):
-        raise ValueError("revgrad.interop.freia_blocks: conditional SequenceINN modules are not supported as blocks")
+        raise ValueError("revgrad.freia_blocks: conditional SequenceINN modules are not supported as blocks")
     modules = getattr(inn, "module_list", inn)
     return [FrEIABlock(m) for m in modules]

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from .errors import BlockError, ReconstructionError
+
 if TYPE_CHECKING:
     from .replay import RngTape
 
@@ -42,32 +44,12 @@ __all__ = [
 VJP = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, tuple[torch.Tensor | None, ...]]"]
 
 
-class BlockError(RuntimeError):
-    """A block broke the protocol: wrong output type, shape, dtype, or a non-invertible module."""
-
-
-class ReconstructionError(RuntimeError):
-    """A rebuilt block input disagreed with the fingerprint stored in forward (``check="detect"``)."""
-
-    def __init__(self, block: int, block_type: str, error: float, tol: float, why: str | None = None) -> None:
-        self.block = block
-        self.block_type = block_type
-        self.error = error
-        self.tol = tol
-        why = why or "its inverse is numerically unstable here"
-        super().__init__(
-            f"revgrad: block {block} ({block_type}) rebuilt its input with relative error {error:.3g} "
-            f"(tolerance {tol:.3g}); {why}. Use check='correct' to recompute such inputs exactly "
-            "from stored anchors."
-        )
-
-
 @runtime_checkable
 class FusedBlock(Protocol):
     """A block whose backward rebuilds its input and the recompute graph in one evaluation.
 
     Its ``forward`` must, when it has random parts, take the engine's tape with
-    ``with revgrad.replay.claim_tape() as tape:`` and call ``tape.mark()`` (when ``tape`` is not None)
+    ``with revgrad.engine.replay.claim_tape() as tape:`` and call ``tape.mark()`` (when ``tape`` is not None)
     before each sub-network; ``inverse_for_backward`` replays mark ``k`` around the k-th sub-network
     with ``tape.replay(k)``. A deterministic block need not mark at all.
     """
@@ -95,13 +77,15 @@ class FusedBlock(Protocol):
 
 
 def is_block(module: object) -> bool:
-    """True for an ``nn.Module`` with a callable ``inverse``; containers of blocks are not blocks."""
-    from .sequential import ReversibleSequential  # a container whose children are the blocks
+    """True for an ``nn.Module`` with a callable ``inverse``; containers of blocks are not blocks.
 
+    A container says so with a true class attribute ``chain_of_blocks`` (``ReversibleSequential``
+    does): its ``inverse`` runs its children, whose own protocol applies.
+    """
     return (
         isinstance(module, nn.Module)
         and callable(getattr(module, "inverse", None))
-        and not isinstance(module, ReversibleSequential)
+        and not getattr(type(module), "chain_of_blocks", False)
     )
 
 

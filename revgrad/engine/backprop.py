@@ -36,9 +36,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from . import dispatch, halves, sensitivity
+from ..ops import dispatch
+from ..ops.fingerprint import fingerprint, fingerprint_parts
+from . import halves, sensitivity
 from .anchors import AdaptiveAnchors, regular_anchors
-from .fingerprint import FingerprintRequest, default_tol, fingerprint, fingerprint_parts, relative_error, requesting
+from .checks import FingerprintRequest, default_tol, relative_error, requesting
 from .graph_budget import GraphBudget, SavedBytes
 from .halves import Halves
 from .protocol import (
@@ -84,9 +86,9 @@ class EngineConfig:
         preserve_rng_state: replay the generators' states in backward (dropout masks).
         warn: emit a ``RuntimeWarning`` and a ``logging`` record on each correction.
         graph_budget: bytes of autograd graphs the last blocks of a chain may keep instead of being
-            recomputed in backward (:mod:`revgrad.graph_budget`); 0 keeps none.
+            recomputed in backward (:mod:`revgrad.engine.graph_budget`); 0 keeps none.
         probe_every: measure the VJPs' sensitivity to their activations in the first backward and
-            then every so many (:mod:`revgrad.sensitivity`); 0 checks activations against ``tol`` only.
+            then every so many (:mod:`revgrad.engine.sensitivity`); 0 checks activations against ``tol`` only.
     """
 
     check: CheckMode = "correct"
@@ -275,7 +277,7 @@ class _Record:
     modes: tuple[bool, ...]  # the training flag of each of the block's modules (BlockSlots.modules)
     has_logdet: bool
     fused: bool
-    two_part: bool = False  # forward handed this block its input as halves (revgrad.halves)
+    two_part: bool = False  # forward handed this block its input as halves (revgrad.engine.halves)
 
     def replay(self, same_order: bool = True) -> contextlib.AbstractContextManager[None]:
         """Forward's random numbers for an evaluation of the block: its forward again
@@ -299,7 +301,7 @@ class _Chain:
     graphs: GraphBudget | None = None  # measures graph sizes in backward for the kept-graph budget
     shape: tuple[int, ...] = ()  # the chain input's shape (graph sizes are per shape)
     kept_above: list[int] = field(default_factory=list)  # labels of the kept blocks after this chain
-    sensitivity: Sensitivity | None = None  # gradient-aware tolerances (revgrad.sensitivity)
+    sensitivity: Sensitivity | None = None  # gradient-aware tolerances (revgrad.engine.sensitivity)
 
 
 def _collect_params(blocks: list[nn.Module]) -> tuple[list[torch.Tensor], list[list[int]], list[BlockSlots]]:
@@ -827,7 +829,7 @@ class _Backward:
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
         return self.exact.pop(i)
 
-    # -- gradient-aware checks: a probe of the VJP's sensitivity (revgrad.sensitivity) -----------
+    # -- gradient-aware checks: a probe of the VJP's sensitivity (revgrad.engine.sensitivity) -----------
 
     def _probe(self, i, block, rec, y, x, fused_vjp, gy, gld, bparams, gx, gps, need_gx):
         """Measure how far block i's VJP moves when the activation it is computed from moves as far as

@@ -1,0 +1,2 @@
+"""The exploding-inverses paper's tools beside the engine: stability diagnostics and the
+finite-difference regularizer."""
