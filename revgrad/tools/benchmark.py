@@ -1,5 +1,5 @@
 """Benchmark workloads and providers: one model trained by plain autograd, checkpointing, revgrad and
-its peers, every provider from the same initial weights (issues #2 and #7).
+its peers, every provider from the same initial weights.
 
 Providers (:data:`PROVIDERS`); each wraps a fresh copy of the same model (identical weights and
 BatchNorm buffers, drawn from the workload's seed):
@@ -25,7 +25,7 @@ Workloads (:class:`Workload`):
 
 * :func:`revnet_stage`: ``N`` additive couplings ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)`` on the channel
   halves of ``x: [B, C, H, W]``, ``f`` and ``g`` the RevNet basic residual function on ``C/2``
-  channels (the stage of issue #2);
+  channels (the 12-block stage of the CPU speed figures);
 * :func:`revnet_model`: RevNet-38/110/164 (:mod:`revgrad.models`) on ``[B, 3, 32, 32]``; the
   downsampling units keep plain autograd in every provider;
 * :func:`glow_stage`: ``K`` Glow steps (ActNorm, LU 1x1 convolution, sigmoid affine coupling) on
