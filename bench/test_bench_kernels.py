@@ -52,6 +52,7 @@ def test_compile_provider_compiles_every_variant(monkeypatch):
     room in dynamo's cache (its recompile limit is 8 per code object). Dynamo's "eager" backend keeps
     this cheap on CPU; tracing, caching and the limit are the same as with inductor."""
     monkeypatch.setattr(kernel_ops, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()  # recompile counts are per process: start from none, whatever ran before
     for dtype in (torch.float32, torch.bfloat16):
         t = make_inputs((2, 6, 4, 4), dtype, "cpu")
         for op in OPS:

@@ -20,9 +20,9 @@ from .engine.anchors import AdaptiveAnchors
 from .engine.backprop import EngineConfig, run_chain
 from .engine.checks import default_tol
 from .engine.protocol import BlockError, FusedBlock, ReconstructionError, is_block
-from .engine.replay import RandomReplayError
+from .engine.replay import RandomReplayError, claim_tape
 from .engine.report import BackwardReport
-from .engine.sequential import ReversibleSequential, reversible
+from .engine.sequential import ReversibleSequential, last_reports, reversible
 from .ops.fingerprint import fingerprint
 
 __version__ = "0.1.0"
@@ -49,12 +49,14 @@ __all__ = [
     "Squeeze",
     "StabilityReport",
     "__version__",
+    "claim_tape",
     "default_tol",
     "diagnostics",
     "fingerprint",
     "finite_difference_penalty",
     "freia_blocks",
     "is_block",
+    "last_reports",
     "lipschitz_bound",
     "models",
     "ood_probes",

@@ -46,12 +46,13 @@ def assert_rel_close(actual, expected, tol: float | None = None, name: str = "te
     assert err <= tol, f"{name}: relative error {err:.3g} > {tol:.3g}"
 
 
-def plain_chain(blocks, x: torch.Tensor):
-    """Run blocks with plain autograd: ``y`` or ``(y, logdet)``, as a ReversibleSequential would."""
+def plain_chain(blocks, x: torch.Tensor, *args, **kwargs):
+    """Run blocks with plain autograd: ``y`` or ``(y, logdet)``, as a ReversibleSequential would
+    (extra arguments go to every block)."""
     logdet = None
     h = x
     for block in blocks:
-        out = block(h)
+        out = block(h, *args, **kwargs)
         if isinstance(out, tuple):
             h, ld = out
             logdet = ld if logdet is None else logdet + ld

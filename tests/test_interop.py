@@ -236,10 +236,3 @@ def test_freia_sequence_inn_through_reversible():
             assert_rel_close(p.grad, p_ref.grad, name=name)
     with torch.no_grad():
         assert_rel_close(chain.inverse(z), x, tol=1e-12, name="x")
-
-
-def test_freia_block_rejects_conditional_modules():
-    Fm = _import_quietly("FrEIA.modules")
-    module = Fm.GLOWCouplingBlock([(4,)], dims_c=[(2,)], subnet_constructor=fc)
-    with pytest.raises(ValueError, match="conditional"):
-        FrEIABlock(module)

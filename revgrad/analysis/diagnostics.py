@@ -103,12 +103,12 @@ def _first(out: object) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out  # type: ignore[return-value]
 
 
-def _forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return _first(block(x))
+def _forward(block: nn.Module, x: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
+    return _first(block(x, *args, **(kwargs or {})))
 
 
-def _inverse(block: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    return _first(block.inverse(y))
+def _inverse(block: nn.Module, y: torch.Tensor, args: tuple = (), kwargs: dict | None = None) -> torch.Tensor:
+    return _first(block.inverse(y, *args, **(kwargs or {})))
 
 
 def _per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -243,8 +243,12 @@ def _block_bounds(block: nn.Module) -> tuple[float | None, float | None]:
         lf, lg = lipschitz_bound(block.f), lipschitz_bound(block.g)
         if lf is None or lg is None:
             return None, None
-        b = (1.0 + lf) * (1.0 + lg)
-        return b, b
+        # Each half-step is (identity on one half) + (scaled half + sub-network): Lip <= max(1, |s|) + Lip.
+        # The inverse half-steps divide by the scales. Scales 1 give (1 + Lip f)(1 + Lip g) both ways.
+        s1, s2 = abs(block.scale1), abs(block.scale2)
+        fwd = (max(1.0, s1) + lf) * (max(1.0, s2) + lg)
+        inv = (max(1.0, 1.0 / s1) + lf / s1) * (max(1.0, 1.0 / s2) + lg / s2)
+        return fwd, inv
     if isinstance(block, AffineCoupling):
         # sigmoid / exp: the inverse divides by an unbounded-below scale and x2 * s is unbounded on
         # unbounded inputs: no global bound. "bounded": s in (1/bound, bound) but y2 = (x2 + shift) s
@@ -280,13 +284,19 @@ def _blocks_of(model: nn.Module) -> list[nn.Module]:
     return [model]
 
 
-def stability_report(model: nn.Module, x: torch.Tensor, *, iterations: int = 10, seed: int = 0) -> StabilityReport:
+def stability_report(
+    model: nn.Module, x: torch.Tensor, *args, iterations: int = 10, seed: int = 0, **kwargs
+) -> StabilityReport:
     """Measure reconstruction errors and Lipschitz constants of ``model``'s blocks on the batch ``x``.
 
     Args:
         model: a ``ReversibleSequential`` (or ``nn.Sequential`` of blocks): one row per child; any other
             module with ``forward`` and ``inverse`` is one block.
-        x: a batch ``[B, ...]`` (the first dim is the batch).
+        x: a batch ``[B, ...]`` (the first dim is the batch; any layout: ``[B, C]``, ``[B, T, C]``,
+            ``[B, C, H, W]``).
+        *args, **kwargs: the chain's extra arguments (a condition, a mask), given to every block's
+            ``forward`` and ``inverse`` as the chain would; the Lipschitz estimates are with respect
+            to ``x`` (the arguments held fixed).
         iterations: power iterations for the local Lipschitz estimates (each costs one jvp and one vjp).
         seed: seeds the start vectors (a private generator; the global RNG is not touched).
 
@@ -299,22 +309,22 @@ def stability_report(model: nn.Module, x: torch.Tensor, *, iterations: int = 10,
 
     def chain_fwd(h: torch.Tensor) -> torch.Tensor:
         for b in blocks:
-            h = _forward(b, h)
+            h = _forward(b, h, args, kwargs)
         return h
 
     def chain_inv(h: torch.Tensor) -> torch.Tensor:
         for b in reversed(blocks):
-            h = _inverse(b, h)
+            h = _inverse(b, h, args, kwargs)
         return h
 
     report = StabilityReport()
     with _eval_mode(model), torch.no_grad():
         h = x.detach()
         for i, block in enumerate(blocks):
-            y = _forward(block, h)
-            rmax, rmean, nonfinite = _recon(h, _inverse(block, y))
-            lip_f = _local_lipschitz(lambda t, b=block: _forward(b, t), h, iterations, gen)
-            lip_i = _local_lipschitz(lambda t, b=block: _inverse(b, t), y, iterations, gen)
+            y = _forward(block, h, args, kwargs)
+            rmax, rmean, nonfinite = _recon(h, _inverse(block, y, args, kwargs))
+            lip_f = _local_lipschitz(lambda t, b=block: _forward(b, t, args, kwargs), h, iterations, gen)
+            lip_i = _local_lipschitz(lambda t, b=block: _inverse(b, t, args, kwargs), y, iterations, gen)
             bf, bi = _block_bounds(block)
             report.blocks.append(
                 BlockStability(f"{i} ({block_type(block)})", rmax, rmean, nonfinite, lip_f, lip_i, bf, bi)

@@ -20,6 +20,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from ..engine.errors import BlockError
+
 __all__ = ["FrEIABlock", "freia_blocks"]
 
 
@@ -64,7 +66,13 @@ class FrEIABlock(nn.Module):
     Args:
         module: a FrEIA ``InvertibleModule`` with one input and one output, built with
             ``dims_in=[shape without batch]`` (e.g. ``GLOWCouplingBlock([(C,)], subnet_constructor=...)``
-            or ``AllInOneBlock([(C, H, W)], subnet_constructor=...)``) and no conditions.
+            or ``AllInOneBlock([(C, H, W)], subnet_constructor=...)``), conditional or not.
+
+        condition: for a conditional module (built with ``dims_c=[...]``), which of the chain's extra
+            positional arguments is its condition, as ``SequenceINN.append(..., cond=k)`` does:
+            ``chain(x, c0, c1)`` calls ``module([x], c=[ck])`` in forward, inverse and backward (a
+            cINN). ``None`` (default): all of them, one per entry of ``dims_c``. An unconditional
+            module ignores the chain's extra arguments, so it can sit between conditional blocks.
 
     Shapes: ``forward(x: [B, ...]) -> (y: [B, ...], logdet: [B])`` with ``logdet`` FrEIA's
     ``log_jac_det`` (a scalar, e.g. ``0.`` for a permutation, is broadcast to ``[B]``);
@@ -75,7 +83,7 @@ class FrEIABlock(nn.Module):
     the inverse of a module that has not run forward yet is not meaningful.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, condition: int | None = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise TypeError(f"revgrad.FrEIABlock expects a FrEIA module, got {type(module).__name__}")
@@ -85,26 +93,42 @@ class FrEIABlock(nn.Module):
                 f"revgrad.FrEIABlock: {type(module).__name__} has {len(dims_in)} inputs; a block "
                 "maps one tensor to one tensor"
             )
-        if getattr(module, "dims_c", None):
-            raise ValueError(
-                f"revgrad.FrEIABlock: {type(module).__name__} is conditional (dims_c="
-                f"{module.dims_c}); conditional FrEIA modules are not supported as blocks"
-            )
         self.module = module
+        self.conditions = len(getattr(module, "dims_c", None) or [])
+        if condition is not None and (isinstance(condition, bool) or not isinstance(condition, int) or condition < 0):
+            raise ValueError(f"revgrad.FrEIABlock: condition must be an index >= 0 or None, got {condition!r}")
+        self.condition = condition
 
     @property
     def wrapped_module(self) -> nn.Module:
         """The FrEIA module (errors and reports name it: ``block 3 (FrEIABlock: GLOWCouplingBlock)``)."""
         return self.module
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        y, jac = _unpack(self.module([x], rev=False, jac=True), self.module, "forward")
+    def _conditions(self, args: tuple, kwargs: dict) -> dict:
+        """``{"c": [...]}`` for a conditional module, from the chain's extra positional arguments."""
+        if not self.conditions:
+            return {}
+        if self.condition is not None and not kwargs and self.condition < len(args):
+            return {"c": [args[self.condition]]}
+        if self.condition is not None or kwargs or len(args) != self.conditions:
+            raise BlockError(
+                f"revgrad: FrEIABlock ({type(self.module).__name__}) is conditional with {self.conditions} "
+                f"condition(s) (dims_c={self.module.dims_c}); pass them as the chain's extra positional "
+                f"arguments, chain(x, c){'' if self.condition is None else f' (it takes number {self.condition})'}, "
+                f"got {len(args)} positional and keywords {sorted(kwargs)}"
+            )
+        return {"c": list(args)}
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self._conditions(args, kwargs)
+        y, jac = _unpack(self.module([x], rev=False, jac=True, **c), self.module, "forward")
         return y, _as_logdet(jac, x)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        c = self._conditions(args, kwargs)
         # jac=False: the inverse's log-determinant is not used (and would cost, e.g., an i-ResNet's
         # power series with autograd inside).
-        x, _ = _unpack(self.module([y], rev=True, jac=False), self.module, "rev=True")
+        x, _ = _unpack(self.module([y], rev=True, jac=False, **c), self.module, "rev=True")
         return x
 
 
@@ -112,11 +136,10 @@ def freia_blocks(inn: nn.Module | Iterable[nn.Module]) -> list[FrEIABlock]:
     """Every module of a FrEIA ``SequenceINN`` (or an iterable of FrEIA modules) as a :class:`FrEIABlock`.
 
     ``revgrad.reversible(freia_blocks(inn))`` runs the same modules (same parameter objects) with
-    memory-saving backprop; its forward returns ``(z, log_jac_det)`` like ``inn(x)``. Conditional
-    modules are rejected.
+    memory-saving backprop; its forward returns ``(z, log_jac_det)`` like ``inn(x)``. A conditional
+    ``SequenceINN``'s conditions become the chain's extra positional arguments, in its order:
+    ``inn(x, c=[c0, c1])`` is ``chain(x, c0, c1)``.
     """
-    conditions = getattr(inn, "conditions", None)
-    if conditions is not None and any(c is not None for c in conditions):
-        raise ValueError("revgrad.freia_blocks: conditional SequenceINN modules are not supported as blocks")
-    modules = getattr(inn, "module_list", inn)
-    return [FrEIABlock(m) for m in modules]
+    modules = list(getattr(inn, "module_list", inn))
+    conditions = getattr(inn, "conditions", None) or [None] * len(modules)
+    return [FrEIABlock(m, condition=k) for m, k in zip(modules, conditions)]

@@ -29,6 +29,9 @@ Shuffle (a fixed random channel permutation), Reverse (channels flipped) and Squ
 ``[B, C, H, W] -> [B, C f^2, H/f, W/f]``) are volume-preserving: ``logdet = 0``, so their forward
 returns ``y`` only.
 
+None of them is conditioned: ``forward`` and ``inverse`` take and ignore a chain's extra arguments
+(a condition ``c``, a mask), so they sit between conditional couplings in one chain.
+
 Bi-Lipschitz bounds (``lipschitz_bounds() -> (Lip forward, Lip inverse)``, in the Euclidean norm of
 the whole input): ActNorm ``(max|s|, 1/min|s|)``; 1x1 conv ``(sigma_max(W), 1/sigma_min(W))``;
 permutations and squeeze ``(1, 1)``. They are read from the current parameters (one host sync), for
@@ -136,7 +139,7 @@ class ActNorm(nn.Module):
         self.initialized.fill_(1)
         self._initialized_host = True
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         _check_channels(self, x, self.channels)
         if self.training and not self._is_initialized():
             self.initialize(x)
@@ -144,7 +147,7 @@ class ActNorm(nn.Module):
         logdet = self.log_scale.sum() * _positions(x)
         return y, _per_sample(logdet, x.shape[0])
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _check_channels(self, y, self.channels)
         return y * _per_channel(torch.exp(-self.log_scale), y) - _per_channel(self.bias, y)
 
@@ -207,13 +210,13 @@ class InvertibleConv1x1(nn.Module):
             return self.log_s.sum()
         return torch.linalg.slogdet(self.weight)[1]
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
         _check_channels(self, x, self.channels)
         y = _apply_matrix(self.matrix(), x)
         logdet = self.log_abs_det() * _positions(x)
         return y, _per_sample(logdet.to(y.dtype), x.shape[0])
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _check_channels(self, y, self.channels)
         return _apply_matrix(torch.linalg.inv(self.matrix()), y)
 
@@ -250,11 +253,11 @@ class Shuffle(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.channels}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _check_channels(self, x, self.channels)
         return x.index_select(1, self.perm)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         _check_channels(self, y, self.channels)
         return y.index_select(1, self.inv_perm)
 
@@ -275,11 +278,11 @@ class Reverse(nn.Module):
                 f"revgrad: Reverse flips dim 1 (channels) and needs an input [B, C, ...]; got {tuple(x.shape)}"
             )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._check(x)
         return x.flip(1)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         self._check(y)
         return y.flip(1)
 
@@ -308,7 +311,7 @@ class Squeeze(nn.Module):
     def extra_repr(self) -> str:
         return f"factor={self.factor}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         f = self.factor
         if x.dim() != 4 or x.shape[2] % f or x.shape[3] % f:
             raise BlockError(
@@ -319,7 +322,7 @@ class Squeeze(nn.Module):
         x = x.reshape(b, c, h // f, f, w // f, f).permute(0, 1, 3, 5, 2, 4)
         return x.reshape(b, c * f * f, h // f, w // f)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         f = self.factor
         if y.dim() != 4 or y.shape[1] % (f * f):
             raise BlockError(

@@ -40,6 +40,7 @@ from ..ops import dispatch
 from ..ops.fingerprint import fingerprint, fingerprint_parts
 from . import halves, sensitivity
 from .anchors import AdaptiveAnchors, regular_anchors
+from .arguments import NO_ARGS, CallArgs, check_accepts
 from .checks import FingerprintRequest, default_tol, relative_error, requesting
 from .graph_budget import GraphBudget, SavedBytes
 from .halves import Halves
@@ -53,6 +54,7 @@ from .protocol import (
     split_output,
 )
 from .replay import (
+    NULL_TAPE,
     RNG_LOCK,
     AutocastState,
     BlockSlots,
@@ -136,14 +138,29 @@ def _has_hooks(block: nn.Module) -> bool:
                 or block._backward_pre_hooks)
 
 
-@functools.cache
-def _accepts(cls: type, keyword: str) -> bool:
+def _accepts(block: nn.Module, keyword: str) -> bool:
     """Whether a fused block's ``inverse_for_backward`` accepts ``keyword``: ``grad_y`` (the incoming
     gradient, known before the check) or ``exact`` (the block's exact input, when one is stored)."""
+    if inspect.isfunction(inspect.getattr_static(type(block), "inverse_for_backward", None)):
+        return _class_accepts(type(block), keyword)
+    # Delegated (torch.compile's OptimizedModule forwards attributes to the module it wraps) or set
+    # on the instance: ask the bound method.
+    return _parameter_named(getattr(block, "inverse_for_backward", None), keyword)
+
+
+@functools.cache
+def _class_accepts(cls: type, keyword: str) -> bool:
+    return _parameter_named(cls.inverse_for_backward, keyword)
+
+
+def _parameter_named(fn, keyword: str) -> bool:
     try:
-        return keyword in inspect.signature(cls.inverse_for_backward).parameters
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+    # Taken by name only: a **kwargs catch-all is for the chain's extra arguments, not the protocol's.
+    return keyword in params and params[keyword].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                          inspect.Parameter.KEYWORD_ONLY)
 
 
 # Blocks whose forward needs autograd inside it (FrEIA's IResNetLayer takes its log-determinant with
@@ -166,14 +183,15 @@ def _detached(out):
     return out
 
 
-def _evaluate(block: nn.Module, fn, h: torch.Tensor):
-    """``fn(h)`` in the caller's grad mode; under ``no_grad`` (the engine's forward, inverse and
-    corrections), a block that needs autograd inside runs with grad on a detached ``h`` and its
-    outputs are detached: no graph is kept."""
+def _evaluate(block: nn.Module, fn, h: torch.Tensor, call: CallArgs):
+    """``fn(h, *call.args, **call.kwargs)`` in the caller's grad mode; under ``no_grad`` (the engine's
+    forward, inverse and corrections), a block that needs autograd inside runs with grad on a detached
+    ``h`` (and arguments) and its outputs are detached: no graph is kept."""
     if block not in _GRAD_INSIDE or torch.is_grad_enabled():
-        return fn(h)
+        return fn(h, *call.args, **call.kwargs)
+    call = call.detached()
     with torch.enable_grad():
-        return _detached(fn(h.detach()))
+        return _detached(fn(h.detach(), *call.args, **call.kwargs))
 
 
 # Whether a block drew random numbers in its last forward. Recording its sub-module calls costs a
@@ -200,24 +218,24 @@ class _Forward:
         return callable(getattr(block, "inverse_for_backward", None)) and not _has_hooks(block)
 
     @staticmethod
-    def record(block: nn.Module, label: int, h: torch.Tensor, tape: RngTape | None, fused: bool):
+    def record(block: nn.Module, label: int, h: torch.Tensor, call: CallArgs, tape: RngTape | None, fused: bool):
         if tape is None or fused:  # fused blocks mark before each of their sub-networks themselves
             with recording(tape):
-                out = block(h)
+                out = block(h, *call.args, **call.kwargs)
         else:
             tape.mark()
             # recording(None): a fused block nested inside draws in sequence, seen by the call records.
             with recording(None), _recording_calls(tape, block):
-                out = _evaluate(block, block, h)
+                out = _evaluate(block, block, h, call)
         return split_output(out, label, block, h)
 
     @staticmethod
-    def run(block: nn.Module, label: int, h: torch.Tensor):
-        return split_output(_evaluate(block, block, h), label, block, h)
+    def run(block: nn.Module, label: int, h: torch.Tensor, call: CallArgs):
+        return split_output(_evaluate(block, block, h, call), label, block, h)
 
     @staticmethod
-    def undo(block: nn.Module, label: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
-        return check_inverse_output(_evaluate(block, block.inverse, y), label, block, rec.shape, rec.dtype)
+    def undo(block: nn.Module, label: int, y: torch.Tensor, call: CallArgs, rec: _Record) -> torch.Tensor:
+        return check_inverse_output(_evaluate(block, block.inverse, y, call), label, block, rec.shape, rec.dtype)
 
 
 class _Inverse:
@@ -228,8 +246,8 @@ class _Inverse:
         return False
 
     @staticmethod
-    def run(block: nn.Module, label: int, h: torch.Tensor):
-        out = _evaluate(block, block.inverse, h)
+    def run(block: nn.Module, label: int, h: torch.Tensor, call: CallArgs):
+        out = _evaluate(block, block.inverse, h, call)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != h.shape[0]:
@@ -241,16 +259,16 @@ class _Inverse:
         return out, None
 
     @classmethod
-    def record(cls, block: nn.Module, label: int, h: torch.Tensor, tape: RngTape | None, fused: bool):
+    def record(cls, block: nn.Module, label: int, h: torch.Tensor, call: CallArgs, tape: RngTape | None, fused: bool):
         if tape is None:
-            return cls.run(block, label, h)
+            return cls.run(block, label, h, call)
         tape.mark()
         with recording(None), _recording_calls(tape, block):
-            return cls.run(block, label, h)
+            return cls.run(block, label, h, call)
 
     @staticmethod
-    def undo(block: nn.Module, label: int, y: torch.Tensor, rec: _Record) -> torch.Tensor:
-        x, _ = split_output(_evaluate(block, block, y), label, block, y)
+    def undo(block: nn.Module, label: int, y: torch.Tensor, call: CallArgs, rec: _Record) -> torch.Tensor:
+        x, _ = split_output(_evaluate(block, block, y, call), label, block, y)
         if x.shape != rec.shape:
             raise BlockError(
                 f"revgrad: {block_name(label, block)} maps {tuple(y.shape)} to {tuple(x.shape)}, but its "
@@ -278,6 +296,7 @@ class _Record:
     has_logdet: bool
     fused: bool
     two_part: bool = False  # forward handed this block its input as halves (revgrad.engine.halves)
+    split_dim: int = 1  # the dimension a two-part block splits
 
     def replay(self, same_order: bool = True) -> contextlib.AbstractContextManager[None]:
         """Forward's random numbers for an evaluation of the block: its forward again
@@ -302,6 +321,7 @@ class _Chain:
     shape: tuple[int, ...] = ()  # the chain input's shape (graph sizes are per shape)
     kept_above: list[int] = field(default_factory=list)  # labels of the kept blocks after this chain
     sensitivity: Sensitivity | None = None  # gradient-aware tolerances (revgrad.engine.sensitivity)
+    call: CallArgs = NO_ARGS  # the chain's extra arguments, passed to every block (revgrad.engine.arguments)
 
 
 def _collect_params(blocks: list[nn.Module]) -> tuple[list[torch.Tensor], list[list[int]], list[BlockSlots]]:
@@ -339,33 +359,45 @@ def _global_module_hooks(kinds: tuple[str, ...] = _ALL_HOOKS) -> bool:
     return any(not owns_hook(hook) for name in kinds for hook in getattr(_module, name, {}).values())
 
 
-def _two_part(direction, block: nn.Module, fused: bool, h: torch.Tensor | Halves) -> bool:
-    """Whether forward hands ``block`` its input as halves: a fused two-part block (``forward_halves``),
-    called without module hooks (the halves path bypasses ``__call__``), where no kernel writes whole
-    tensors in one pass (on GPUs the coupling kernels are faster on whole tensors)."""
+def _two_part(direction, block: nn.Module, fused: bool, h: torch.Tensor | Halves) -> int | None:
+    """The dimension along which forward hands ``block`` its input as halves, or None: a fused two-part
+    block (``forward_halves``), called without module hooks (the halves path bypasses ``__call__``),
+    where no kernel writes whole tensors in one pass (on GPUs the coupling kernels are faster on whole
+    tensors)."""
     if direction is not _Forward or not callable(getattr(block, "forward_halves", None)):
-        return False
-    if not isinstance(h, Halves) and (h.dim() < 2 or h.shape[1] < 2):
-        return False  # the block's own checks report the bad input
+        return None
+    dim = getattr(block, "dim", 1)
+    ndim = len(h.shape)
+    if not isinstance(dim, int) or not -ndim <= dim < ndim or dim % ndim == 0 or h.shape[dim] < 2:
+        return None  # the block's own checks report the bad input
     first = h.a if isinstance(h, Halves) else h
-    return fused and not dispatch.use_kernels(first) and not _global_module_hooks()
+    if not fused or dispatch.use_kernels(first) or _global_module_hooks():
+        return None
+    return dim % ndim
 
 
 def _nbytes(h: torch.Tensor | Halves) -> int:
-    parts = h if isinstance(h, Halves) else (h,)
+    parts = (h.a, h.b) if isinstance(h, Halves) else (h,)
     return sum(t.numel() * t.element_size() for t in parts)
 
 
 def _fingerprint(x: torch.Tensor | Halves) -> torch.Tensor:
-    return fingerprint_parts(x.a, x.b) if isinstance(x, Halves) else fingerprint(x)
+    """The fingerprint of ``x`` as one tensor (the halves' partial fingerprints add up to it for a split
+    of dim 1, whose halves are consecutive ranges of each sample)."""
+    if isinstance(x, Halves):
+        return fingerprint_parts(x.a, x.b) if x.dim == 1 else fingerprint(x.full())
+    return fingerprint(x)
 
 
 def _versions(h: torch.Tensor | Halves) -> tuple[int | None, ...]:
-    parts = h if isinstance(h, Halves) else (h,)
+    parts = (h.a, h.b) if isinstance(h, Halves) else (h,)
     return tuple(None if t.is_inference() else t._version for t in parts)
 
 
-def _record(chain: _Chain, i: int, h: torch.Tensor | Halves, fused: bool, two_part: bool, want_fp: bool, buffers):
+def _record(
+    chain: _Chain, i: int, h: torch.Tensor | Halves, call: CallArgs, fused: bool, two_part: bool, want_fp: bool,
+    buffers, previous: RngTape | None = None,
+):
     """Run block ``i`` in forward: ``(y, logdet or None, fingerprint of h or None, RNG tape or None)``.
 
     Holds :data:`RNG_LOCK` while the block runs so that no other thread training with revgrad draws
@@ -376,18 +408,19 @@ def _record(chain: _Chain, i: int, h: torch.Tensor | Halves, fused: bool, two_pa
     direction = chain.direction
     rng = chain.config.preserve_rng_state
     for attempt in range(2):
-        tape = RngTape(h.device, owner=block_name(label, block)) if rng else None
+        generators = chain.slots[i].generators + call.generators
+        tape = RngTape(h.device, block_name(label, block), previous, generators) if rng else None
         try:
             with RNG_LOCK if rng else contextlib.nullcontext():
                 if two_part:
                     with recording(tape):
-                        y, ld = Halves(*block.forward_halves(h.a, h.b)), None
-                    fp = fingerprint_parts(h.a, h.b) if want_fp else None
+                        y, ld = Halves(*block.forward_halves(h.a, h.b, *call.args, **call.kwargs), h.dim), None
+                    fp = _fingerprint(h) if want_fp else None
                 else:
                     # A fused block fingerprints its input inside its own kernel pass; others get it here.
                     request = FingerprintRequest(h) if want_fp else None
                     with requesting(request):
-                        y, ld = direction.record(block, label, h, tape, fused)
+                        y, ld = direction.record(block, label, h, call, tape, fused)
                     fp = None if request is None else (request.value if request.value is not None else fingerprint(h))
                 if tape is not None:
                     tape.close()
@@ -427,9 +460,12 @@ def _warn_unkeyed_randomness(block: nn.Module) -> None:
 
 class _RevBackprop(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, chain: _Chain, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
+    def forward(ctx, chain: _Chain, x: torch.Tensor, *inputs: torch.Tensor):  # type: ignore[override]
+        # inputs: the chain's parameters, then the extra arguments' tensors that require grad.
         ctx.set_materialize_grads(False)  # a None gradient stays None: parameters it misses get None
         cfg = chain.config
+        call = chain.call  # the blocks run without grad: the caller's own arguments, checked after each block
+        call.record_versions()
         direction = chain.direction
         autocast = AutocastState.capture(x.device)
         checking = cfg.check != "off"
@@ -449,18 +485,24 @@ class _RevBackprop(torch.autograd.Function):
         fp_tensors: list[torch.Tensor] = []
         logdet: torch.Tensor | None = None
         h: torch.Tensor | Halves = x
+        last_tape: RngTape | None = None  # the last block that drew: its end state may start the next
         for i, block in enumerate(chain.blocks):
             if i in stored:  # before any split: the chain's input is anchored as itself, not a copy
                 anchor_at.append(i)
                 anchor_tensors.append(halves.full(h))
             fused = direction.fused(block)
-            two_part = _two_part(direction, block, fused, h)
-            h = halves.split(h) if two_part else halves.full(h)
+            split_dim = _two_part(direction, block, fused, h)
+            two_part = split_dim is not None
+            h = halves.split(h, split_dim) if two_part else halves.full(h)
             slots = chain.slots[i]
             modes = slots.modes()
             buffers = BufferGuard.before(slots)
             versions = _versions(h)
-            y, ld, fp, tape = _record(chain, i, h, fused, two_part, checking and i not in stored, buffers)
+            y, ld, fp, tape = _record(chain, i, h, call, fused, two_part, checking and i not in stored, buffers,
+                                      last_tape)
+            last_tape = tape if tape is not None else last_tape
+            if call:
+                call.check_unchanged(functools.partial(block_name, chain.labels[i], block))
             if _versions(h) != versions:
                 raise BlockError(
                     f"revgrad: {block_name(chain.labels[i], block)} modified its input in place in forward "
@@ -481,7 +523,7 @@ class _RevBackprop(torch.autograd.Function):
                 fp_tensors.append(fp.to(fp_dtype))
             records.append(
                 _Record(h.shape, h.dtype, _nbytes(h), tape, BufferGuard.after(buffers, keep_after=not fused), modes,
-                        ld is not None, fused, two_part)
+                        ld is not None, fused, two_part, split_dim or 1)
             )
             if ld is not None:
                 logdet = ld if logdet is None else logdet + ld
@@ -522,18 +564,18 @@ class _RevBackprop(torch.autograd.Function):
         engine = _Backward(ctx, chain, anchors, fingerprints, deferred=_defer_checks(chain, y))
         grad_logdet = rest[0] if ctx.has_logdet else None
         with ctx.autocast.replay():
-            grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
+            grad_x, grads, arg_grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
             if not engine.settle():
                 # A deferred check failed: what was derived below that block is wrong. Run the pass
                 # again with a check per block, which corrects from the anchors.
                 spent = engine.report.evaluations
                 engine = _Backward(ctx, chain, anchors, fingerprints, deferred=False)
                 engine.report.evaluations, engine.report.deferred, engine.report.rerun = spent, True, True
-                grad_x, grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
+                grad_x, grads, arg_grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
         if engine.sens is not None:
             engine.sens.finish(engine.probing)
         engine.publish()
-        return (None, grad_x, *grads)
+        return (None, grad_x, *grads, *arg_grads)
 
 
 def _refuse_changed_state(
@@ -542,6 +584,12 @@ def _refuse_changed_state(
     """Raise if a parameter or a read-only buffer of the chain's blocks (or of block ``only``) was
     modified in place since forward: backward would evaluate the block with values forward did not
     use. Plain autograd refuses the same (for the tensors its graph saved)."""
+    where = chain.call.changed() if only is None else None
+    if where is not None:
+        raise BlockError(
+            f"revgrad: the chain's {where} was modified in place {when}; backward would evaluate the "
+            "blocks with values their forward did not use."
+        )
     for i in range(len(chain.blocks)) if only is None else (only,):
         block = chain.blocks[i]
         for j in chain.block_params[i]:
@@ -606,6 +654,10 @@ class _Backward:
         self.regular: frozenset[int] = ctx.regular
         self.tol: float = ctx.tol
         self.exact: dict[int, torch.Tensor] = {}
+        # The extra arguments: detached for evaluations without grad; with fresh leaves standing for
+        # the tensors that require grad for the VJPs (their gradients are summed over the blocks).
+        self.call_nograd = chain.call.detached()
+        self.call, self.arg_leaves = chain.call.for_grad()
         n = len(chain.blocks)
         self.trusted: set[int] = {n}  # activations known exact in this pass (index of the block taking them)
         self.sens = chain.sensitivity if chain.config.check != "off" else None
@@ -622,11 +674,12 @@ class _Backward:
     def run(self, y: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None, need_x: bool):
         chain = self.chain
         param_grads: list[torch.Tensor | None] = [None] * len(chain.params)
+        arg_grads: list[torch.Tensor | None] = [None] * len(self.arg_leaves)
         h: torch.Tensor | Halves = y
         gy: torch.Tensor | Halves | None = grad_y
         for i in reversed(range(len(chain.blocks))):
             block, rec = chain.blocks[i], self.records[i]
-            form = halves.split if rec.two_part else halves.full  # how this block takes y and dL/dy
+            form = self._form(rec)  # how this block takes y and dL/dy: whole, or as halves
             h, gy = form(h), (None if gy is None else form(gy))
             gld = grad_logdet if rec.has_logdet else None
             if gy is None and gld is None:
@@ -641,7 +694,7 @@ class _Backward:
                 y_kept = h if self.probing else None
                 h = None  # y is rebuilt into x: below the saved output, nothing else holds it
                 if vjp is not None:
-                    gx, gps = vjp(gy, gld)
+                    gx, gps = self._closure_result(i, block, vjp(gy, gld), len(bparams))
                     vjp = None  # its sub-network outputs and leaves must not live into the next block
                 else:
                     gx, gps = self._recompute_vjp(
@@ -653,11 +706,35 @@ class _Backward:
                     y_kept = None
             if meter is not None:
                 chain.graphs.record(chain.labels[i], chain.shape, meter.total, rec.nbytes)
-            for j, g in zip(chain.block_params[i], gps):
+            nb = len(chain.block_params[i])
+            for j, g in zip(chain.block_params[i], gps[:nb]):
                 if g is not None:
                     param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
+            for j, g in enumerate(gps[nb:]):
+                if g is not None:
+                    arg_grads[j] = g if arg_grads[j] is None else arg_grads[j] + g
             h, gy = x, gx
-        return (halves.full(gy) if need_x and gy is not None else None), param_grads
+        return (halves.full(gy) if need_x and gy is not None else None), param_grads, arg_grads
+
+    def _closure_result(self, i: int, block: nn.Module, out, nparams: int):
+        """A fused block's VJP result ``(grad_x, grads)``, refused unless it has one gradient (or None)
+        per tensor the block was given to differentiate: a missing one would be a lost gradient."""
+        grads = out[1] if isinstance(out, tuple) and len(out) == 2 else None
+        expected = nparams + len(self.arg_leaves)
+        if grads is None or len(grads) != expected:
+            got = "no (grad_x, grads) pair" if grads is None else f"{len(grads)} gradients"
+            raise BlockError(
+                f"revgrad: {block_name(self.chain.labels[i], block)}: the VJP closure of inverse_for_backward "
+                f"returned {got}; it must return (grad_x, grads) with one gradient (or None) per tensor in "
+                f"params ({expected}: the block's {nparams} parameters that require grad, then "
+                f"{len(self.arg_leaves)} of the chain's extra arguments)"
+            )
+        return out
+
+    @staticmethod
+    def _form(rec: _Record):
+        """How block ``rec`` takes its output and gradient: as halves of its split dimension, or whole."""
+        return functools.partial(halves.split, dim=rec.split_dim) if rec.two_part else halves.full
 
     @contextlib.contextmanager
     def _as_in_forward(self, i: int, after: bool = False):
@@ -691,7 +768,7 @@ class _Backward:
             if i in self.adaptive_at:
                 self.chain.adaptive.observe(i, False)
             self.trusted.add(i)
-            if rec.fused and bparams is not None and _accepts(type(block), "exact"):
+            if rec.fused and bparams is not None and _accepts(block, "exact"):
                 # The block differentiates at the exact input in its own fused pass, which is
                 # cheaper than the generic recompute of the whole block through autograd.
                 return self._rebuild(i, block, rec, y, bparams, gy, exact)[:2]
@@ -700,7 +777,7 @@ class _Backward:
         x, vjp, fp = self._rebuild(i, block, rec, y, bparams, gy)
         if exact is not None:
             # An adaptive anchor: measure against the truth itself, keep the anchor's value on failure.
-            error = relative_error(_fingerprint(x) if fp is None else fp, fingerprint(exact))
+            error = relative_error(_fingerprint(x) if fp is None else fp, _fingerprint(self._form(rec)(exact)))
             if self.deferred:
                 self.pending.append((i, error, True))
                 return x, vjp
@@ -741,15 +818,22 @@ class _Backward:
             wanted = exact is None and (i in self.fingerprints or i in self.adaptive_at)
             request = FingerprintRequest(None) if wanted else None
             aliasing = ParamAliases(self.chain.slots[i]).swap(bparams)
+            call = self.call
+            tape = rec.tape if rec.tape is not None else NULL_TAPE
             with self._as_in_forward(i), aliasing as aliases, requesting(request):
+                # The closure differentiates with respect to the parameters' aliases and the leaves
+                # standing for the extra arguments that require grad, in that order.
+                wrt = [*aliases, *self.arg_leaves]
                 if rec.two_part:  # y and gy come as halves (run() converts them per record)
-                    parts = None if exact is None else halves.split(exact)
-                    x, vjp = block.inverse_halves_for_backward(y, rec.tape, aliases, gy, parts)
+                    parts = None if exact is None else halves.split(exact, rec.split_dim)
+                    x, vjp = block.inverse_halves_for_backward(
+                        y, tape, wrt, *call.args, grad_y=gy, exact=parts, **call.kwargs
+                    )
                 else:
                     extra = {} if exact is None else {"exact": exact}
-                    if gy is not None and _accepts(type(block), "grad_y"):
+                    if gy is not None and _accepts(block, "grad_y"):
                         extra["grad_y"] = gy
-                    x, vjp = block.inverse_for_backward(y, rec.tape, aliases, **extra)
+                    x, vjp = block.inverse_for_backward(y, tape, wrt, *call.args, **extra, **call.kwargs)
             if x.shape != rec.shape:
                 raise BlockError(
                     f"revgrad: {block_name(label, block)} rebuilt an input of shape {tuple(x.shape)}; its "
@@ -762,7 +846,7 @@ class _Backward:
         # that initialises them from data changes the aliases, never the parameters).
         aliasing = ParamAliases(self.chain.slots[i]).swap(self._block_params(i), grad=False)
         with torch.no_grad(), self._as_in_forward(i, after=True), aliasing, rec.replay(same_order=False):
-            return self.chain.direction.undo(block, label, halves.full(y), rec), None, None
+            return self.chain.direction.undo(block, label, halves.full(y), self.call_nograd, rec), None, None
 
     def settle(self) -> bool:
         """Read the deferred errors back (one host sync) and record them; False if any check failed.
@@ -807,7 +891,7 @@ class _Backward:
             for j in range(start, i):
                 aliasing = ParamAliases(chain.slots[j]).swap(self._block_params(j), grad=False)
                 with self._as_in_forward(j), aliasing, self.records[j].replay():
-                    h, _ = chain.direction.run(chain.blocks[j], chain.labels[j], h)
+                    h, _ = chain.direction.run(chain.blocks[j], chain.labels[j], h, self.call_nograd)
                 self.exact[j + 1] = h
         evals = i - start
         self.report.evaluations += evals
@@ -859,10 +943,10 @@ class _Backward:
             seed = self.sens.steps * sensitivity.DIRECTIONS + d
             if fused_vjp:
                 moved = perturbed(halves.full(y), eps, seed)
-                exact = x if i in self.trusted and _accepts(type(block), "exact") else None
-                _, vjp, _ = self._rebuild(i, block, rec, halves.split(moved) if rec.two_part else moved, bparams, gy,
+                exact = x if i in self.trusted and _accepts(block, "exact") else None
+                _, vjp, _ = self._rebuild(i, block, rec, self._form(rec)(moved), bparams, gy,
                                           None if exact is None else halves.full(exact))
-                got = vjp(gy, gld)
+                got = self._closure_result(i, block, vjp(gy, gld), len(bparams))
             else:
                 got = self._recompute_vjp(i, block, rec, perturbed(halves.full(x), eps, seed), halves.full(gy), gld,
                                           bparams, need_gx)
@@ -884,11 +968,10 @@ class _Backward:
         if not fused_vjp:
             return exact, *self._recompute_vjp(i, block, rec, exact, halves.full(gy), gld, bparams, need_gx)
         # Block i's output was rebuilt too far off for its VJP: rebuild block i from the exact one.
-        form = halves.split if rec.two_part else halves.full
-        x, vjp = self._input_of(i, block, rec, form(exact), bparams, gy)
+        x, vjp = self._input_of(i, block, rec, self._form(rec)(exact), bparams, gy)
         if vjp is None:
             return x, *self._recompute_vjp(i, block, rec, halves.full(x), halves.full(gy), gld, bparams, need_gx)
-        return x, *vjp(gy, gld)
+        return x, *self._closure_result(i, block, vjp(gy, gld), len(bparams))
 
     # -- step 3: the VJP at the (trusted) input ---------------------------------------------------
 
@@ -897,11 +980,11 @@ class _Backward:
         x_ = x.detach().requires_grad_(need_gx)
         aliasing = ParamAliases(self.chain.slots[i]).swap(bparams)
         with self._as_in_forward(i), aliasing as aliases, torch.enable_grad(), rec.replay():
-            y_, ld_ = self.chain.direction.run(block, self.chain.labels[i], x_)
+            y_, ld_ = self.chain.direction.run(block, self.chain.labels[i], x_, self.call)
         pairs = [(o, g) for o, g in ((y_, gy), (ld_, gld)) if o is not None and g is not None and o.requires_grad]
-        inputs = ([x_] if need_gx else []) + aliases
+        inputs = ([x_] if need_gx else []) + aliases + self.arg_leaves
         if not pairs or not inputs:
-            return None, [None] * len(bparams)
+            return None, [None] * (len(bparams) + len(self.arg_leaves))
         grads = torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs], allow_unused=True)
         if need_gx:
             return grads[0], grads[1:]
@@ -923,16 +1006,17 @@ def _warn_functorch(name: str) -> None:
     )
 
 
-def run_plain(blocks: list[nn.Module], labels: list[int], x: torch.Tensor):
+def run_plain(blocks: list[nn.Module], labels: list[int], x: torch.Tensor, call: CallArgs = NO_ARGS):
     """Run ``blocks`` forward with plain autograd: ``y`` or ``(y, logdet)`` like :func:`run_chain`."""
-    return _plain(blocks, labels, _Forward, x)
+    _check_signatures(blocks, labels, _Forward, call)
+    return _plain(blocks, labels, _Forward, x, call)
 
 
-def _plain(blocks: list[nn.Module], labels: list[int], direction, x: torch.Tensor):
+def _plain(blocks: list[nn.Module], labels: list[int], direction, x: torch.Tensor, call: CallArgs):
     logdet = None
     h = x
     for label, block in zip(labels, blocks):
-        h, ld = direction.run(block, label, h)
+        h, ld = direction.run(block, label, h, call)
         if ld is not None:
             logdet = ld if logdet is None else logdet + ld
     return h if logdet is None else (h, logdet)
@@ -952,6 +1036,7 @@ def run_chain(
     shape: tuple[int, ...] = (),
     kept_above: list[int] | None = None,
     sensitivity: Sensitivity | None = None,
+    call: CallArgs = NO_ARGS,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run ``blocks`` on ``x`` (shape ``[B, ...]``) with memory-saving backprop.
 
@@ -962,7 +1047,8 @@ def run_chain(
     sizes in backward for a kept-graph budget (``shape``: the key they are stored under;
     ``kept_above``: labels of the blocks kept after this chain, whose sizes count first).
     ``sensitivity``: the run's gradient-aware tolerances, kept across calls (None: checks against
-    ``tol`` only).
+    ``tol`` only). ``call``: extra arguments given to every block's ``forward`` and ``inverse``
+    (:mod:`revgrad.engine.arguments`); those of its tensors that require grad receive gradients.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"revgrad: {name} expects a tensor input, got {type(x).__name__}")
@@ -974,20 +1060,50 @@ def run_chain(
     if not blocks:
         return x
     labels = list(range(len(blocks))) if labels is None else labels
+    _check_signatures(blocks, labels, steps, call)
     if not torch.is_grad_enabled() or x.numel() == 0:
         # Nothing to save memory on: an empty batch runs (and differentiates) as plain autograd does.
-        return _plain(blocks, labels, steps, x)
+        return _plain(blocks, labels, steps, x, call)
     if torch._C._are_functorch_transforms_active():
         # torch.func (grad, vjp, vmap, jacrev) differentiates through the blocks' own operations;
         # the engine's Function has no functorch rules, so the blocks run plainly (same values and
         # gradients, without the memory saving).
         _warn_functorch(name)
-        return _plain(blocks, labels, steps, x)
+        return _plain(blocks, labels, steps, x, call)
     params, per_block, slots = _collect_params(blocks)
-    if not x.requires_grad and not params:
-        return _plain(blocks, labels, steps, x)
+    if not x.requires_grad and not params and not call.grad_tensors:
+        return _plain(blocks, labels, steps, x, call)
     if adaptive is not None:
         adaptive.forget_beyond(len(blocks))
     chain = _Chain(blocks, labels, steps, config, params, per_block, slots, owner, adaptive, graphs, shape,
-                   list(kept_above or []), sensitivity)
-    return _RevBackprop.apply(chain, x, *params)
+                   list(kept_above or []), sensitivity, call)
+    return _RevBackprop.apply(chain, x, *params, *call.grad_tensors)
+
+
+# Names of the fused protocol's inverse_for_backward parameters; a chain's extra arguments cannot use them.
+_PROTOCOL_KEYWORDS = ("y", "tape", "params", "grad_y", "exact")
+
+
+def _check_signatures(blocks: list[nn.Module], labels: list[int], direction, call: CallArgs) -> None:
+    """Refuse, naming the block, extra arguments a block's methods cannot take (before anything runs)."""
+    if not call:
+        return
+    seen: set[int] = set()
+    for label, block in zip(labels, blocks):
+        if id(block) in seen:
+            continue
+        seen.add(id(block))
+        who = functools.partial(block_name, label, block)
+        first, second = ("forward", "inverse") if direction is _Forward else ("inverse", "forward")
+        check_accepts(block, first, 1, call, who)
+        check_accepts(block, second, 1, call, who)
+        if direction is _Forward and callable(getattr(block, "inverse_for_backward", None)):
+            clash = [k for k in _PROTOCOL_KEYWORDS if k in call.kwargs]
+            if clash:
+                raise BlockError(
+                    f"revgrad: {who()}: the chain's keyword argument {clash[0]!r} is a parameter name of the "
+                    f"fused protocol (inverse_for_backward: {', '.join(_PROTOCOL_KEYWORDS)}); rename it"
+                )
+            check_accepts(block, "inverse_for_backward", 3, call, who)
+            if callable(getattr(block, "forward_halves", None)):
+                check_accepts(block, "forward_halves", 2, call, who)

@@ -1,6 +1,7 @@
 """An activation carried as its two channel halves between two-part blocks (the engine's CPU path).
 
-A coupling works on ``x1 = x[:, :C//2]`` and ``x2 = x[:, C//2:]``. Passing one tensor per block makes
+A coupling works on the halves of its split dimension, ``x1 = x[:, :C//2]`` and ``x2 = x[:, C//2:]`` for
+the channels (``dim=1``). Passing one tensor per block makes
 every coupling split its input (strided halves, packed by a copy before the sub-networks) and
 concatenate its output, in forward and again in backward (input, gradient). Between two couplings the
 engine can instead hand over the halves themselves, each a packed tensor, and concatenate only where
@@ -11,22 +12,30 @@ kernels do not run.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 
 __all__ = ["Halves", "full", "split"]
 
 
-class Halves(NamedTuple):
-    """``x`` as ``(a, b)``: ``a = x[:, :C//2]``, ``b = x[:, C//2:]``, both packed (contiguous)."""
+class Halves:
+    """``x`` as ``(a, b)``: its halves along ``dim`` (``a`` the first ``size // 2``), both packed.
 
-    a: torch.Tensor
-    b: torch.Tensor
+    Unpacks as ``a, b = halves``.
+    """
+
+    __slots__ = ("a", "b", "dim")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, dim: int = 1) -> None:
+        self.a, self.b, self.dim = a, b, dim
+
+    def __iter__(self):
+        return iter((self.a, self.b))
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((self.a.shape[0], self.a.shape[1] + self.b.shape[1], *self.a.shape[2:]))
+        shape = list(self.a.shape)
+        shape[self.dim] += self.b.shape[self.dim]
+        return torch.Size(shape)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -40,7 +49,7 @@ class Halves(NamedTuple):
         return self.a.numel() + self.b.numel()
 
     def full(self) -> torch.Tensor:
-        return torch.cat([self.a, self.b], dim=1)
+        return torch.cat([self.a, self.b], dim=self.dim)
 
 
 def full(t: torch.Tensor | Halves) -> torch.Tensor:
@@ -48,9 +57,12 @@ def full(t: torch.Tensor | Halves) -> torch.Tensor:
     return t.full() if isinstance(t, Halves) else t
 
 
-def split(t: torch.Tensor | Halves) -> Halves:
-    """``t`` as packed halves (split and packed if it is one tensor)."""
+def split(t: torch.Tensor | Halves, dim: int = 1) -> Halves:
+    """``t`` as packed halves along ``dim`` (``dim >= 1``; split and packed if it is one tensor, or
+    carried as halves along another dimension)."""
     if isinstance(t, Halves):
-        return t
-    c = t.shape[1] // 2
-    return Halves(t[:, :c].contiguous(), t[:, c:].contiguous())
+        if t.dim == dim:
+            return t
+        t = t.full()
+    c = t.shape[dim] // 2
+    return Halves(t.narrow(dim, 0, c).contiguous(), t.narrow(dim, c, t.shape[dim] - c).contiguous(), dim)

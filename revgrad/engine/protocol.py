@@ -3,7 +3,9 @@
 A *block* is any ``nn.Module`` with ``forward(x)`` and ``inverse(y)``:
 
 * ``forward(x)`` returns ``y`` or ``(y, logdet)``; ``logdet`` has shape ``[batch]``;
-* ``inverse(y)`` returns ``x`` (when it returns a tuple, items after the first are ignored).
+* ``inverse(y)`` returns ``x`` (when it returns a tuple, items after the first are ignored);
+* both take the chain's extra arguments when it is called with some (``chain(x, c)`` calls
+  ``block(x, c)`` and ``block.inverse(y, c)``).
 
 ``x`` and ``y`` are single floating-point tensors whose first dimension is the batch; ``y`` may have a
 different shape from ``x`` (space-to-depth), but ``inverse`` must give back ``x``'s shape.
@@ -25,7 +27,7 @@ from torch import nn
 from .errors import BlockError, ReconstructionError
 
 if TYPE_CHECKING:
-    from .replay import RngTape
+    from .replay import NullTape, RngTape
 
 __all__ = [
     "VJP",
@@ -48,20 +50,24 @@ VJP = Callable[[torch.Tensor, "torch.Tensor | None"], "tuple[torch.Tensor, tuple
 class FusedBlock(Protocol):
     """A block whose backward rebuilds its input and the recompute graph in one evaluation.
 
-    Its ``forward`` must, when it has random parts, take the engine's tape with
-    ``with revgrad.engine.replay.claim_tape() as tape:`` and call ``tape.mark()`` (when ``tape`` is not None)
-    before each sub-network; ``inverse_for_backward`` replays mark ``k`` around the k-th sub-network
-    with ``tape.replay(k)``. A deterministic block need not mark at all.
+    Its ``forward`` takes the engine's RNG tape with ``with revgrad.claim_tape() as tape:`` and calls
+    ``tape.mark()`` before each sub-network that may draw random numbers; ``inverse_for_backward``
+    runs the k-th of them inside ``tape.replay(k)`` (the tape is a no-op one outside the engine and
+    for blocks that drew nothing). A deterministic block need not mark at all. README ("Your own
+    fused block") has a complete example, tested as written.
     """
 
     def inverse_for_backward(
-        self, y: torch.Tensor, tape: RngTape | None, params: list[torch.Tensor]
+        self, y: torch.Tensor, tape: RngTape | NullTape, params: list[torch.Tensor], *args, **kwargs
     ) -> tuple[torch.Tensor, VJP]:
         """Rebuild ``x`` from ``y`` (grad enabled inside) and return it with a VJP closure.
 
-        ``params`` are the tensors the block's parameters stand for during this call (the engine
-        swaps in aliases); the closure ``vjp(grad_y, grad_logdet)`` returns ``grad_x`` and their
-        gradients in that order. ``grad_y`` or ``grad_logdet`` may be None.
+        ``params`` are the tensors to differentiate, in order: aliases standing for the block's
+        parameters during this call, then leaves standing for the chain's extra-argument tensors
+        that require grad. Differentiate the sub-networks' outputs with respect to all of them
+        (``allow_unused=True``); the closure ``vjp(grad_y, grad_logdet)`` returns ``grad_x`` and their
+        gradients in that order. ``grad_y`` or ``grad_logdet`` may be None. ``*args, **kwargs`` are
+        the chain's extra arguments, to pass on to the sub-networks as forward did.
 
         A block may also accept a keyword ``grad_y``: the engine then passes the gradient it will
         later give the closure, so parts of the VJP that do not depend on the rebuilt ``x`` can be

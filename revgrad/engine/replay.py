@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import threading
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,9 +61,10 @@ class _RngSnapshot:
 
     cpu: bytes
     cuda: bytes | None
+    own: tuple[bytes, ...] = ()  # generators the block or the chain's arguments hold (torch.Generator objects)
 
     def same_as(self, other: _RngSnapshot) -> bool:
-        return self.cpu == other.cpu and self.cuda == other.cuda
+        return self.cpu == other.cpu and self.cuda == other.cuda and self.own == other.own
 
 
 def _state(raw: bytes) -> torch.Tensor:
@@ -231,10 +233,25 @@ class RngTape:
     not make), the replay raises :class:`RandomReplayError` instead of letting a gradient be wrong.
     """
 
-    __slots__ = ("_calls", "_cuda", "_end", "_marks", "_owner", "_recorder", "_root", "consumed", "gaps")
+    __slots__ = (
+        "_calls", "_cuda", "_end", "_generators", "_marks", "_owner", "_previous", "_recorder", "_root", "consumed",
+        "gaps",
+    )
 
-    def __init__(self, device: torch.device, owner: str | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        owner: str | None = None,
+        previous: RngTape | None = None,
+        generators: tuple[torch.Generator, ...] = (),
+    ) -> None:
         self._cuda = _cuda_index(device)
+        # Generator objects of the block's own (module attributes) or among the chain's arguments:
+        # replayed like the default generators.
+        self._generators = generators
+        # The previous block's end state: where nothing drew in between, this block's first mark is
+        # the same state, and keeps the same object (a CPU generator's state is 5 KB per snapshot).
+        self._previous = previous._end if previous is not None else None
         self._marks: list[_RngSnapshot] = []
         self._end: _RngSnapshot | None = None
         self._calls: dict[int, tuple[nn.Module, list]] | None = None
@@ -247,15 +264,22 @@ class RngTape:
 
     def _snapshot(self) -> _RngSnapshot:
         cuda = torch.cuda.get_rng_state(self._cuda).numpy().tobytes() if self._cuda is not None else None
-        return _RngSnapshot(torch.get_rng_state().numpy().tobytes(), cuda)
+        own = tuple(g.get_state().numpy().tobytes() for g in self._generators)
+        return _RngSnapshot(torch.get_rng_state().numpy().tobytes(), cuda, own)
 
     def _restore(self, snap: _RngSnapshot) -> None:
         torch.set_rng_state(_state(snap.cpu))
         if snap.cuda is not None:
             torch.cuda.set_rng_state(_state(snap.cuda), self._cuda)
+        for g, raw in zip(self._generators, snap.own):
+            g.set_state(_state(raw))
 
     def mark(self) -> None:
-        self._marks.append(self._snapshot())
+        snap = self._snapshot()
+        if not self._marks and self._previous is not None and snap.same_as(self._previous):
+            snap = self._previous
+        self._previous = None
+        self._marks.append(snap)
 
     @contextlib.contextmanager
     def recording_calls(self, root: nn.Module) -> Iterator[None]:
@@ -325,9 +349,17 @@ class RngTape:
             if problem is not None:
                 raise self._fail(problem)
 
-    def _forked(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def _forked(self) -> Iterator[None]:
+        """Put the caller's generator states back afterwards (the global ones and the block's own)."""
         devices = [self._cuda] if self._cuda is not None else []
-        return torch.random.fork_rng(devices=devices, enabled=True)
+        own = [g.get_state() for g in self._generators]
+        with torch.random.fork_rng(devices=devices, enabled=True):
+            try:
+                yield
+            finally:
+                for g, state in zip(self._generators, own):
+                    g.set_state(state)
 
 
 _RECORDING: contextvars.ContextVar[RngTape | None] = contextvars.ContextVar("revgrad_tape", default=None)
@@ -343,15 +375,34 @@ def recording(tape: RngTape | None) -> Iterator[None]:
         _RECORDING.reset(token)
 
 
+class NullTape:
+    """The tape of a call outside the engine, or of a block that drew no random numbers: marking and
+    replaying do nothing. A fused block's code never needs to test for it."""
+
+    __slots__ = ()
+
+    def mark(self) -> None:
+        pass
+
+    def replay(self, mark: int = 0) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
+NULL_TAPE = NullTape()
+
+
 @contextlib.contextmanager
-def claim_tape() -> Iterator[RngTape | None]:
-    """For a fused block's forward: the engine's tape for this call (None outside the engine).
+def claim_tape() -> Iterator[RngTape | NullTape]:
+    """For a fused block's forward: the engine's RNG tape for this call (a :class:`NullTape` outside
+    the engine). Call ``tape.mark()`` before each part that may draw random numbers (each
+    sub-network); ``inverse_for_backward`` then replays part ``k`` inside ``tape.replay(k)``.
 
     Sub-networks called inside do not see it, so a block nested in a block cannot add marks.
     """
     token = _RECORDING.set(None)
     try:
-        yield token.old_value if token.old_value is not contextvars.Token.MISSING else None
+        claimed = token.old_value if token.old_value is not contextvars.Token.MISSING else None
+        yield NULL_TAPE if claimed is None else claimed
     finally:
         _RECORDING.reset(token)
 
@@ -392,6 +443,22 @@ class AutocastState:
             yield
 
 
+# Names of a module's attributes that hold a torch.Generator, found by scanning its __dict__ again
+# only when the number of attributes changed (a scan per module and forward cost ~2 us, a third of
+# the walk below); the values are read afresh each time.
+_GENERATOR_ATTRS: weakref.WeakKeyDictionary[nn.Module, tuple[int, tuple[str, ...]]] = weakref.WeakKeyDictionary()
+
+
+def _generator_attributes(module: nn.Module) -> tuple[str, ...]:
+    d = module.__dict__
+    known = _GENERATOR_ATTRS.get(module)
+    if known is not None and known[0] == len(d):
+        return known[1]
+    names = tuple(k for k, v in d.items() if type(v) is torch.Generator)
+    _GENERATOR_ATTRS[module] = (len(d), names)
+    return names
+
+
 class BlockSlots:
     """Where a block keeps its state, found in one walk over its modules (once per forward call).
 
@@ -399,13 +466,14 @@ class BlockSlots:
     shared by two modules has two slots); ``trainable``: those parameters, each once, in
     ``block.parameters()`` order; ``buffers``: every ``(module, name)`` slot holding a buffer;
     ``modules``: the block's modules, each once (their training modes are replayed in backward);
-    ``backward_hooks``: whether any of its modules has a backward (pre-)hook; ``hooks``: any hook. One walk serves the
+    ``backward_hooks``: whether any of its modules has a backward (pre-)hook; ``hooks``: any hook;
+    ``generators``: ``torch.Generator`` objects its modules hold as attributes. One walk serves the
     engine's parameter list, the buffer snapshots, the modes and the parameter aliases: walking the
     module tree with ``modules()``/``parameters()`` several times per block and step was a visible
     part of the engine's per-block overhead on small blocks.
     """
 
-    __slots__ = ("backward_hooks", "buffers", "hooks", "modules", "params", "trainable")
+    __slots__ = ("backward_hooks", "buffers", "generators", "hooks", "modules", "params", "trainable")
 
     def __init__(self, block: nn.Module) -> None:
         params: list[tuple[nn.Module, str, torch.Tensor]] = []
@@ -415,6 +483,7 @@ class BlockSlots:
         seen_params: set[int] = set()
         seen: set[int] = set()
         hooks = any_hooks = False
+        generators: dict[int, torch.Generator] = {}
         stack = [block]
         while stack:  # pre-order, children in registration order, each module once: modules()' order
             module = stack.pop()
@@ -431,6 +500,10 @@ class BlockSlots:
             for name, b in module._buffers.items():
                 if b is not None:
                     buffers.append((module, name))
+            for name in _generator_attributes(module):  # drawn from in forward, maybe: replayed too
+                value = module.__dict__.get(name)
+                if type(value) is torch.Generator:
+                    generators[id(value)] = value
             hooks = hooks or bool(module._backward_hooks or module._backward_pre_hooks)
             any_hooks = any_hooks or bool(module._forward_hooks or module._forward_pre_hooks)
             stack.extend(reversed([c for c in module._modules.values() if c is not None]))
@@ -440,6 +513,7 @@ class BlockSlots:
         self.modules = modules
         self.backward_hooks = hooks
         self.hooks = hooks or any_hooks
+        self.generators = tuple(generators.values())
 
     def modes(self) -> tuple[bool, ...]:
         """The training flag of every module, in ``modules`` order."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Literal
 
@@ -10,13 +9,14 @@ import torch
 from torch import nn
 
 from .anchors import AdaptiveAnchors
+from .arguments import NO_ARGS, CallArgs
 from .backprop import CheckMode, EngineConfig, _is_int, run_chain, run_plain
 from .graph_budget import GraphBudget
 from .protocol import BlockError, is_block, require_blocks
 from .report import BackwardReport
 from .sensitivity import DEFAULT_PROBE_EVERY, Sensitivity
 
-__all__ = ["DEFAULT_CHECK", "ReversibleSequential", "reversible"]
+__all__ = ["DEFAULT_CHECK", "ReversibleSequential", "last_reports", "reversible"]
 
 DEFAULT_CHECK: CheckMode = "correct"
 
@@ -60,8 +60,11 @@ class ReversibleSequential(nn.Sequential):
             it is computed from, and tighten that activation's tolerance to ``tol / sensitivity``
             (:mod:`revgrad.engine.sensitivity`). 0: activations are checked against ``tol`` only.
 
-    Shapes: ``forward(x: [B, ...]) -> y`` or ``(y, logdet: [B])`` when any block returns a logdet;
-    ``inverse(y) -> x`` (every child must be a block).
+    Shapes: ``forward(x: [B, ...], *args, **kwargs) -> y`` or ``(y, logdet: [B])`` when any block
+    returns a logdet; ``inverse(y, *args, **kwargs) -> x`` (every child must be a block). Extra
+    arguments (a condition ``c``, an attention mask) go to every block's ``forward`` and ``inverse``
+    and to every evaluation in backward; their tensors that require grad receive gradients (summed
+    over the blocks). Children that are not blocks get only the tensor.
 
     After each backward, :attr:`last_report` holds a :class:`revgrad.BackwardReport`.
     """
@@ -165,7 +168,8 @@ class ReversibleSequential(nn.Sequential):
             state = self._adaptive[start] = AdaptiveAnchors(self._adaptive_budget, self._release_after)
         return state
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        call = CallArgs(args, kwargs) if args or kwargs else NO_ARGS
         logdet = None
         h = x
 
@@ -194,21 +198,24 @@ class ReversibleSequential(nn.Sequential):
                     modules[:cut], h, self.config, owner=_RunReporter(self, start),
                     adaptive=self._adaptive_for(start), name=type(self).__name__, labels=labels[:cut],
                     graphs=graphs, shape=shape, kept_above=labels[cut:], sensitivity=self._sensitivity_for(start),
+                    call=call,
                 ))
             elif kept:
                 self._reports.pop(start, None)  # no engine backward for this run: no report
             if kept:  # the top blocks whose graphs fit in graph_budget: plain autograd, no recompute
                 self.kept_blocks = labels[cut:]
-                take(run_plain(modules[cut:], labels[cut:], h))
+                take(run_plain(modules[cut:], labels[cut:], h, call))
         return h if logdet is None else (h, logdet)
 
-    def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        """Run the chain backwards, ``x = f_0^-1(... f_{N-1}^-1(y))``, with the same memory saving."""
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Run the chain backwards, ``x = f_0^-1(... f_{N-1}^-1(y))``, with the same memory saving.
+
+        Extra arguments are given to every block's ``inverse``, as in :meth:`forward`."""
         require_blocks(self, f"revgrad: {type(self).__name__}.inverse", "child", BlockError)
         n = len(self)
         return run_chain(
             list(self)[::-1], y, self.config, direction="inverse", name=f"{type(self).__name__}.inverse",
-            labels=list(range(n - 1, -1, -1)),
+            labels=list(range(n - 1, -1, -1)), call=CallArgs(args, kwargs) if args or kwargs else NO_ARGS,
         )
 
     # -- reports ----------------------------------------------------------------------------------
@@ -288,12 +295,19 @@ def reversible(
 ) -> nn.Module:
     """Make a network of blocks train with memory-saving, checked reversible backprop.
 
-    * An ``nn.Sequential`` of blocks, an ``nn.ModuleList`` or a list of blocks (or a single block):
-      returns a new :class:`ReversibleSequential` over the same block modules (same parameters, same
-      order, same ``state_dict`` keys).
-    * Any other module: converts in place every plain ``nn.Sequential`` inside it (at any depth,
-      itself included) that holds blocks, so that each maximal run of consecutive blocks runs
-      through the engine; returns the module.
+    One rule: **a module is converted in place and returned** (``reversible(m) is m``), so calling it
+    for its effect (``revgrad.reversible(self.body)``) works. Every ``nn.Sequential`` inside it (at any
+    depth, itself included) that holds blocks becomes a :class:`ReversibleSequential` (same object,
+    children, names, ``state_dict`` keys and hooks), and each maximal run of consecutive blocks runs
+    through the engine; a ``ReversibleSequential`` already is one and takes the new options.
+
+    What cannot be converted in place, because it cannot run a chain itself: a list, tuple or
+    ``nn.ModuleList`` of blocks, or a single block. For those a new :class:`ReversibleSequential`
+    over the same block modules (same parameters, same order) is returned, and the argument is left
+    as it was: use the result.
+
+    Each chain's last backward report is ``chain.last_report``; :func:`last_reports` collects those
+    of every chain inside a model.
 
     Raises ``TypeError`` when a list holds a non-block, or when no block is found. Keyword options are
     those of :class:`ReversibleSequential`.
@@ -312,9 +326,6 @@ def reversible(
         return ReversibleSequential(*items, **options)
     if not isinstance(module, nn.Module):
         raise TypeError(f"revgrad.reversible expects an nn.Module or a list of blocks, got {type(module).__name__}")
-    if type(module) in (nn.Sequential, ReversibleSequential) and len(module) and all(is_block(m) for m in module):
-        # _modules, not named_children(): the same block twice is two steps of the chain, as in nn.Sequential.
-        return ReversibleSequential(OrderedDict(module._modules.items()), **options)
     if is_block(module):
         return ReversibleSequential(module, **options)
     if _convert_in_place(module, options) == 0:
@@ -323,3 +334,13 @@ def reversible(
             "forward(x) and inverse(y) (inside an nn.Sequential when it is part of a larger model)"
         )
     return module
+
+
+def last_reports(model: nn.Module) -> dict[str, BackwardReport]:
+    """The last backward report of every chain inside ``model`` (itself included), by module name
+    (``""`` for ``model`` itself); chains that have not run backward yet are left out."""
+    reports = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ReversibleSequential) and module.last_report is not None:
+            reports[name] = module.last_report
+    return reports

@@ -33,6 +33,7 @@ __all__ = [
     "affine_coupling_reference",
     "affine_forward_reference",
     "affine_inverse_reference",
+    "halves_are_ranges",
     "residual",
     "residual_reference",
 ]
@@ -110,9 +111,23 @@ def affine_backward_reference(
     return d_s.to(y2.dtype), d_s.to(raw.dtype), d_raw.to(raw.dtype)
 
 
-def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    c1 = t.shape[1] // 2
-    return t[:, :c1], t[:, c1:]
+def _halves(t: torch.Tensor, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two halves of ``t`` along ``dim`` (the first ``size // 2``, the rest), as views."""
+    c1 = t.shape[dim] // 2
+    return t.narrow(dim, 0, c1), t.narrow(dim, c1, t.shape[dim] - c1)
+
+
+def halves_are_ranges(t: torch.Tensor, dim: int) -> bool:
+    """Whether the halves along ``dim`` are two consecutive ranges of each (contiguous) sample: every
+    dimension between the batch and ``dim`` has size 1. The kernels take only that layout; a split of
+    the last dimension of ``[B, T, C]`` (strided halves) runs on the PyTorch twins."""
+    return math.prod(t.shape[1:dim]) == 1
+
+
+def _channels_view(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t`` as ``[B, size of dim, rest]`` for the kernels (which split dim 1); a layout where
+    :func:`halves_are_ranges` holds."""
+    return t if dim == 1 else t.reshape(t.shape[0], t.shape[dim], -1)
 
 
 def _tables(t: torch.Tensor, want: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -137,52 +152,58 @@ class _AffineCouplingFn(torch.autograd.Function):
 
 
 def affine_coupling(
-    x: torch.Tensor, h: torch.Tensor, kind: str, bound: float, want_fingerprint: bool = False
+    x: torch.Tensor, h: torch.Tensor, kind: str, bound: float, want_fingerprint: bool = False, dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``y = [x1, (x2 + shift) * s(raw)]``, ``logdet = sum(log s)`` and (optionally) the fingerprint of x.
 
-    Shapes: ``x, y: [B, C, ...]``; ``h = [shift, raw]: [B, 2 * (C - C//2), ...]``; ``logdet: [B]``
-    (float32; float64 for float64 ``x``); fingerprint ``[B, 8]`` float64 or None. Differentiable.
+    Shapes (split along ``dim >= 1``, ``C`` its size): ``x, y: [B, ..., C, ...]``;
+    ``h = [shift, raw]: x's shape with 2 * (C - C//2) along dim``; ``logdet: [B]`` (float32; float64
+    for float64 ``x``); fingerprint ``[B, 8]`` float64 or None. Differentiable.
     """
-    if dispatch.use_kernels(x, h):
+    if dispatch.use_kernels(x, h) and halves_are_ranges(x, dim):
+        xv, hv = _channels_view(x, dim), _channels_view(h, dim)
         if torch.is_grad_enabled() and (x.requires_grad or h.requires_grad):
-            y, logdet = _AffineCouplingFn.apply(x, h, kind, bound)
-            return y, logdet, (fingerprint_reference(x) if want_fingerprint else None)
-        return dispatch.kernels().affine_forward(x, h, kind, bound, _tables(x, want_fingerprint))
-    return affine_coupling_reference(x, h, kind, bound, want_fingerprint)
+            y, logdet = _AffineCouplingFn.apply(xv, hv, kind, bound)
+            return y.view(x.shape), logdet, (fingerprint_reference(x) if want_fingerprint else None)
+        y, logdet, fp = dispatch.kernels().affine_forward(xv, hv, kind, bound, _tables(x, want_fingerprint))
+        return y.view(x.shape), logdet, fp
+    return affine_coupling_reference(x, h, kind, bound, want_fingerprint, dim)
 
 
 def affine_coupling_reference(
-    x: torch.Tensor, h: torch.Tensor, kind: str, bound: float, want_fingerprint: bool = False
+    x: torch.Tensor, h: torch.Tensor, kind: str, bound: float, want_fingerprint: bool = False, dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """PyTorch twin of :func:`affine_coupling` (and of ``revgrad.kernels.affine_forward``)."""
-    x1, x2 = _halves(x)
-    shift, raw = h.chunk(2, dim=1)
+    x1, x2 = _halves(x, dim)
+    shift, raw = h.chunk(2, dim=dim)
     y2, logdet = affine_forward_reference(x2, shift, raw, kind, bound)
     fp = fingerprint_reference(x) if want_fingerprint else None
-    return torch.cat([x1, y2], dim=1), logdet, fp
+    return torch.cat([x1, y2], dim=dim), logdet, fp
 
 
 def affine_coupling_inverse(
-    y: torch.Tensor, h: torch.Tensor, kind: str, bound: float, want_fingerprint: bool = False
+    y: torch.Tensor, h: torch.Tensor, kind: str, bound: float, want_fingerprint: bool = False, dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``x = [y1, y2 / s(raw) - shift]`` and (optionally) the fingerprint of ``x`` as stored.
 
     Shapes as in :func:`affine_coupling`. Differentiable (the kernel runs only when nothing needs grad).
     """
     needs_grad = torch.is_grad_enabled() and (y.requires_grad or h.requires_grad)
-    if not needs_grad and dispatch.use_kernels(y, h):
-        return dispatch.kernels().affine_inverse(y, h, kind, bound, _tables(y, want_fingerprint))
-    return affine_coupling_inverse_reference(y, h, kind, bound, want_fingerprint)
+    if not needs_grad and dispatch.use_kernels(y, h) and halves_are_ranges(y, dim):
+        x, fp = dispatch.kernels().affine_inverse(
+            _channels_view(y, dim), _channels_view(h, dim), kind, bound, _tables(y, want_fingerprint)
+        )
+        return x.view(y.shape), fp
+    return affine_coupling_inverse_reference(y, h, kind, bound, want_fingerprint, dim)
 
 
 def affine_coupling_inverse_reference(
-    y: torch.Tensor, h: torch.Tensor, kind: str, bound: float, want_fingerprint: bool = False
+    y: torch.Tensor, h: torch.Tensor, kind: str, bound: float, want_fingerprint: bool = False, dim: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """PyTorch twin of :func:`affine_coupling_inverse` (and of ``revgrad.kernels.affine_inverse``)."""
-    y1, y2 = _halves(y)
-    shift, raw = h.chunk(2, dim=1)
-    x = torch.cat([y1, affine_inverse_reference(y2, shift, raw, kind, bound)], dim=1)
+    y1, y2 = _halves(y, dim)
+    shift, raw = h.chunk(2, dim=dim)
+    x = torch.cat([y1, affine_inverse_reference(y2, shift, raw, kind, bound)], dim=dim)
     return x, (fingerprint_reference(x) if want_fingerprint else None)
 
 
@@ -193,15 +214,19 @@ def affine_coupling_backward(
     grad_logdet: torch.Tensor | None,
     kind: str,
     bound: float,
+    dim: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(gx, dh)`` of the affine coupling at output ``y`` (no grad; used inside backward).
 
     ``gx = [gy1, gy2 * s]`` (``grad_y``'s shape; the conditioner's VJP for ``x1`` is added by the
     caller) and ``dh = [dshift, draw]`` (``h``'s shape and dtype). ``grad_logdet``: ``[B]`` or None.
     """
-    if dispatch.use_kernels(y, h, grad_y):
-        return dispatch.kernels().affine_backward(y, h, grad_y, grad_logdet, kind, bound)
-    return affine_coupling_backward_reference(y, h, grad_y, grad_logdet, kind, bound)
+    if dispatch.use_kernels(y, h, grad_y) and halves_are_ranges(y, dim):
+        gx, dh = dispatch.kernels().affine_backward(
+            _channels_view(y, dim), _channels_view(h, dim), _channels_view(grad_y, dim), grad_logdet, kind, bound
+        )
+        return gx.view(grad_y.shape), dh.view(h.shape)
+    return affine_coupling_backward_reference(y, h, grad_y, grad_logdet, kind, bound, dim)
 
 
 def affine_coupling_backward_reference(
@@ -211,12 +236,13 @@ def affine_coupling_backward_reference(
     grad_logdet: torch.Tensor | None,
     kind: str,
     bound: float,
+    dim: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """PyTorch twin of :func:`affine_coupling_backward` (and of ``revgrad.kernels.affine_backward``)."""
-    gy1, gy2 = _halves(grad_y)
-    _, raw = h.chunk(2, dim=1)
-    dx2, dshift, draw = affine_backward_reference(_halves(y)[1], raw, gy2, grad_logdet, kind, bound)
-    return torch.cat([gy1, dx2.to(grad_y.dtype)], dim=1), torch.cat([dshift, draw], dim=1)
+    gy1, gy2 = _halves(grad_y, dim)
+    _, raw = h.chunk(2, dim=dim)
+    dx2, dshift, draw = affine_backward_reference(_halves(y, dim)[1], raw, gy2, grad_logdet, kind, bound)
+    return torch.cat([gy1, dx2.to(grad_y.dtype)], dim=dim), torch.cat([dshift, draw], dim=dim)
 
 
 def residual_reference(
