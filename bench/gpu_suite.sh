@@ -19,6 +19,9 @@
 #    via `revgrad bench` (bench/)
 # 4. models: step time and peak memory of RevNet-38/110/164 and a Glow stage -> models.txt, models.json
 # 5. largest batch of the RevNet stage in a 4 GiB budget            -> largest_batch.txt, .json
+# 6. RevViT-B/16 (224 px, 12 layers, batch 64): step time, held and peak memory of plain autograd,
+#    checkpointing and revgrad off/correct, and the largest batch in an 8 GiB budget, via
+#    `revgrad bench --workload vit`                                  -> vit_bench.txt, vit/bench.json
 # Each part has its own time limit, cut to what is left of the suite's budget (REVGRAD_SUITE_SECONDS,
 # default 570); a failing part is recorded in summary.txt and the suite goes on. Tests compute float32
 # convolutions in IEEE float32 (tests/conftest.py); benchmarks keep PyTorch's defaults (env.txt).
@@ -101,6 +104,9 @@ if [ $dry = 1 ]; then
     --glow-steps 2 --glow-hidden 8 --json "$out/models.json"
   part largest_batch 60 python3 bench/report.py largest-batch --device cpu --budget-mib 8 --depth 2 \
     --tolerance 0.5 --json "$out/largest_batch.json"
+  part vit_bench 90 python3 -m revgrad bench --workload vit --device cpu --dim 16 --heads 2 --size 16 --patch 8 \
+    --depths 2 --batch 2 --steps 1 --warmup 0 --providers plain checkpoint revgrad-off revgrad-correct \
+    --budget-mib 1 --no-progress --out "$out/vit"
 else
   part tests 150 python3 -m pytest tests/test_kernels.py tests/test_cuda.py -q -p no:cacheprovider -rs \
     --junitxml="$out/tests.xml"
@@ -111,6 +117,9 @@ else
   part models 75 python3 bench/report.py models --device cuda --batch 64 --rounds 3 --json "$out/models.json"
   part largest_batch 75 python3 bench/report.py largest-batch --device cuda --budget-mib 4096 --depth 32 \
     --json "$out/largest_batch.json"
+  part vit_bench 90 python3 -m revgrad bench --workload vit --device cuda --dim 768 --heads 12 --size 224 \
+    --patch 16 --depths 12 --batch 64 --steps 5 --providers plain checkpoint revgrad-off revgrad-correct \
+    --budget-mib 8192 --no-progress --out "$out/vit"
 fi
 echo "suite: $([ $status = 0 ] && echo ok || echo 'FAILED parts above') in $SECONDS s; results in $out" \
   | tee -a "$out/summary.txt"

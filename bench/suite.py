@@ -18,7 +18,18 @@ from typing import Any
 import pytest
 import torch
 
-from revgrad.tools.benchmark import PROVIDERS, TrainStep, Workload, glow_stage, revnet_model, revnet_stage, unavailable
+from revgrad.tools.benchmark import (
+    ALL_PROVIDERS,
+    PROVIDERS,
+    TrainStep,
+    Workload,
+    glow_stage,
+    rev_vit_model,
+    revnet_model,
+    revnet_stage,
+    transformer_stack,
+    unavailable,
+)
 from revgrad.tools.measure import pin_malloc, step_memory
 
 FULL = os.environ.get("REVGRAD_BENCH_FULL", "") == "1"
@@ -33,6 +44,11 @@ BATCHES = (4, 16, 64) if FULL else (1, 2, 4)
 MODEL_BATCH, MODEL_SIZE = (16, 32) if FULL else (2, 8)
 GLOW = dict(steps=16, channels=12, size=16, hidden=128, batch=16) if FULL else dict(
     steps=2, channels=4, size=4, hidden=8, batch=2)
+# Transformers: rev_lm's layers on [B, T, 2d] (rev_lm's default width) and RevViT-S/16 at 224 px.
+TRANSFORMER = dict(depth=8, dim=256, tokens=256, heads=4, batch=8) if FULL else dict(
+    depth=2, dim=16, tokens=8, heads=2, batch=2)
+VIT = dict(depth=12, dim=384, heads=6, size=224, patch=16, batch=8) if FULL else dict(
+    depth=2, dim=16, heads=2, size=16, patch=8, batch=2, num_classes=10)
 # Largest batch within a byte budget (input + peak of a step), on the stage at BUDGET_DEPTH blocks.
 BUDGET_MIB = 512 if FULL else 0.25
 BUDGET_DEPTH = 32 if FULL else 4
@@ -53,6 +69,11 @@ def models() -> list[Workload]:
     return [*(revnet_model(name, batch=MODEL_BATCH, size=MODEL_SIZE) for name in ("revnet38", "revnet110",
                                                                                  "revnet164")),
             glow_stage(**GLOW)]
+
+
+def transformers() -> list[Workload]:
+    """The transformer workloads: rev_lm's layer stack and a RevViT."""
+    return [transformer_stack(**TRANSFORMER), rev_vit_model(**VIT)]
 
 
 def runnable(provider: str, workload: Workload, device: str) -> None:
@@ -118,4 +139,6 @@ def bench_step(benchmark, workload: Workload, provider: str, device: str, **info
 
 
 PROVIDER_PARAMS = pytest.mark.parametrize("provider", PROVIDERS)
+# The transformer workloads also offer reformer_pytorch's and revtorch's reversible sequences.
+ALL_PROVIDER_PARAMS = pytest.mark.parametrize("provider", ALL_PROVIDERS)
 DEVICE_PARAMS = pytest.mark.parametrize("device", DEVICES)

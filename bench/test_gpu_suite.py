@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = ROOT / "bench" / "gpu_suite.sh"
-PARTS = ("tests", "kernels", "glow_step", "deferred_checks", "revnet_bench", "models", "largest_batch")
+PARTS = ("tests", "kernels", "glow_step", "deferred_checks", "revnet_bench", "models", "largest_batch", "vit_bench")
 
 
 def _installed_here() -> bool:
@@ -66,6 +66,7 @@ def test_dry_run_runs_every_part(tmp_path):
     for name in ("models.json", "largest_batch.json"):
         assert json.loads((tmp_path / name).read_text())["complete"], name
     assert (tmp_path / "deferred_checks.json").exists() and (tmp_path / "bench" / "bench.json").exists()
+    assert (tmp_path / "vit" / "bench.json").exists()
     tests = (tmp_path / "tests.xml").read_text()
     assert 'failures="0"' in tests and 'errors="0"' in tests
 

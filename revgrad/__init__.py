@@ -22,7 +22,7 @@ from .engine.checks import default_tol
 from .engine.protocol import BlockError, FusedBlock, ReconstructionError, is_block
 from .engine.replay import RandomReplayError, claim_tape
 from .engine.report import BackwardReport
-from .engine.sequential import ReversibleSequential, last_reports, reversible
+from .engine.sequential import PlainSequential, ReversibleSequential, last_reports, reversible
 from .ops.fingerprint import fingerprint
 
 __version__ = "0.1.0"
@@ -41,6 +41,7 @@ __all__ = [
     "InvertibleConv1x1",
     "MemoryProbe",
     "PenaltySchedule",
+    "PlainSequential",
     "RandomReplayError",
     "ReconstructionError",
     "Reverse",

@@ -1,4 +1,5 @@
-"""``revgrad demo``: the importable run (tiny settings), the CLI in process and as a subprocess."""
+"""``revgrad demo``: the importable runs (digits and ``--task lm``, tiny settings), the CLI in process and as a
+subprocess."""
 
 from __future__ import annotations
 
@@ -9,21 +10,38 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from revgrad import BackwardReport, ReversibleSequential, __version__, reversible
 from revgrad.tools.cli import main
-from revgrad.tools.demo import DemoResult, build_model, load_digits_data, run_demo
+from revgrad.tools.demo import (
+    LM_VOCAB,
+    DemoResult,
+    LMDemoResult,
+    build_model,
+    load_digits_data,
+    load_text_tokens,
+    run_demo,
+    run_lm_demo,
+)
 from revgrad.tools.memory import cpu_counting_available
 
 pytest.importorskip("sklearn")  # the demo's data set
 
 TINY = dict(epochs=1, depth=2, channels=16, stages=2, batch_size=64, seed=0, threads=1, progress=False)
 CHANCE = 0.1  # 10 balanced classes
+TINY_LM = dict(steps=30, dim=32, depth=2, heads=2, seq_len=32, batch_size=8, eval_batches=2, seed=0, threads=1,
+               progress=False)
 
 
 @pytest.fixture(scope="module")
 def tiny() -> DemoResult:
     return run_demo(**TINY)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm() -> LMDemoResult:
+    return run_lm_demo(**TINY_LM)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -104,6 +122,46 @@ def test_cli_demo_in_process(capsys):
     assert "epoch 1/1" in captured.err  # the tqdm bar, on stderr
 
 
+def test_text_tokens_are_the_bytes_of_pythons_help_topics():
+    train, heldout = load_text_tokens()
+    assert train.dtype == torch.int64 and int(train.max()) < LM_VOCAB and int(train.min()) >= 0
+    assert len(train) > 100_000 and len(heldout) > 10_000
+    assert b"the" in bytes(train[:2000].tolist())
+
+
+def test_tiny_lm_run_learns_and_holds_less_memory_than_plain_autograd(tiny_lm: LMDemoResult):
+    text = tiny_lm.summary()
+    assert len(tiny_lm.step_losses) == TINY_LM["steps"]
+    assert math.isfinite(tiny_lm.loss_before) and tiny_lm.loss_after < tiny_lm.loss_before - 0.5, text
+    assert tiny_lm.tokens_per_second > 0
+    report = tiny_lm.last_report
+    assert isinstance(report, BackwardReport) and report.check == "correct"
+    assert report.max_error <= report.tol
+    if cpu_counting_available():
+        assert tiny_lm.held_revgrad is not None and tiny_lm.held_plain is not None
+        assert 0 < tiny_lm.held_revgrad < tiny_lm.held_plain, text
+    for needle in ("held-out loss", "tokens/s", "revgrad:", "plain autograd:", "corrections made"):
+        assert needle in text
+
+
+def test_cli_demo_lm_in_process(capsys):
+    code = main(["demo", "--task", "lm", "--steps", "3", "--dim", "16", "--heads", "2", "--depth", "1",
+                 "--seq-len", "16", "--batch-size", "4", "--sample-len", "8", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for needle in ("--task lm", "held-out loss", "tokens/s", "plain autograd:", "last backward:", "sample: 'The "):
+        assert needle in out
+
+
+def test_cli_demo_refuses_the_other_tasks_options(capsys):
+    assert main(["demo", "--task", "lm", "--epochs", "2"]) == 2
+    assert "--epochs is an option of --task digits" in capsys.readouterr().err
+    assert main(["demo", "--steps", "2"]) == 2
+    assert "--steps is an option of --task lm" in capsys.readouterr().err
+    assert main(["demo", "--task", "lm", "--dim", "30", "--heads", "4"]) == 2
+    assert "divisible by heads" in capsys.readouterr().err
+
+
 def test_cli_usage_errors(capsys):
     assert main(["demo", "--epochs", "0"]) == 2
     assert main(["demo", "--check", "maybe"]) == 2
@@ -122,7 +180,8 @@ def test_demo_help_subprocess():
     args = (exe,) if exe else (sys.executable, "-m", "revgrad")
     proc = _run(*args, "demo", "--help")
     assert proc.returncode == 0, proc.stderr
-    for option in ("--epochs", "--depth", "--channels", "--batch-size", "--lr", "--check", "--seed", "--threads"):
+    for option in ("--epochs", "--depth", "--channels", "--batch-size", "--lr", "--check", "--seed", "--threads",
+                   "--task", "--steps", "--dim", "--seq-len"):
         assert option in proc.stdout
     assert "off,detect,correct" in proc.stdout
 

@@ -494,3 +494,24 @@ def test_float32_gradient_is_as_close_to_the_float64_truth_as_plain_autograds(na
     model = revgrad.reversible(copy.deepcopy(net))
     error = rel_error(grads(model, list(model.parameters()), x), truth)
     assert error <= 1.5 * plain + 1e-7, f"{name}: {error:.3g} from the float64 truth, plain float32 {plain:.3g}"
+
+
+def test_a_probe_on_overflowed_gradients_measures_nothing_and_probes_again():
+    """An fp16 step whose gradients overflow (a GradScaler skips it) must not leave tolerance 0 behind:
+    the next backward would correct every block (or, under "detect", raise)."""
+    torch.manual_seed(0)
+    net = healthy_chain(6, channels=4, affine_every=2).float()
+    model = revgrad.reversible(copy.deepcopy(net), check="detect")
+    x = torch.randn(3, 4, 5, 5)
+    out = model(x.clone().requires_grad_())
+    (scalar_loss(out) * float("inf")).backward()  # every incoming gradient is inf or NaN
+    assert model.last_report.probed
+    out = model(x.clone().requires_grad_())
+    scalar_loss(out).backward()  # raised "tolerance 0" before
+    report = model.last_report
+    assert report.probed, "the step after a skipped probe must probe again"
+    measured = [s for s in report.sensitivity if not math.isnan(s)]
+    assert measured and all(math.isfinite(s) for s in measured)
+    out = model(x.clone().requires_grad_())
+    scalar_loss(out).backward()
+    assert not model.last_report.probed and not model.last_report.corrected

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..ops import dispatch
 from ..ops.fingerprint import fingerprint, fingerprint_parts
-from . import halves, sensitivity
+from . import halves, sensitivity, sharding
 from .anchors import AdaptiveAnchors, regular_anchors
 from .arguments import NO_ARGS, CallArgs, check_accepts
 from .checks import FingerprintRequest, default_tol, relative_error, requesting
@@ -134,8 +134,9 @@ def _is_number(value: object) -> bool:
 
 
 def _has_hooks(block: nn.Module) -> bool:
-    return bool(block._forward_hooks or block._forward_pre_hooks or block._backward_hooks
-                or block._backward_pre_hooks)
+    if not (block._forward_hooks or block._forward_pre_hooks or block._backward_hooks or block._backward_pre_hooks):
+        return False
+    return sharding.has_own_hooks(block)  # FSDP2's own forward hooks do not count: the engine drives FSDP2
 
 
 def _accepts(block: nn.Module, keyword: str) -> bool:
@@ -167,6 +168,9 @@ def _parameter_named(fn, keyword: str) -> bool:
 # torch.autograd.grad): the engine evaluates them with grad enabled on a detached input and keeps no
 # graph. Learned the first time such a block fails under no_grad.
 _GRAD_INSIDE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+
+# Why a rank whose own rebuild passed raises with check="detect" (FSDP2: ranks decide together).
+_ANOTHER_RANK = "another rank's rebuild of this block's input failed its check, and FSDP2's ranks decide together"
 
 # Tolerances at or above this store fingerprints in float32 (relative rounding 6e-8, far below).
 _FLOAT32_FINGERPRINTS = 1e-6
@@ -247,7 +251,7 @@ class _Inverse:
 
     @staticmethod
     def run(block: nn.Module, label: int, h: torch.Tensor, call: CallArgs):
-        out = _evaluate(block, block.inverse, h, call)
+        out = _evaluate(block, sharding.through_fsdp(block, block.inverse), h, call)
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != h.shape[0]:
@@ -322,6 +326,7 @@ class _Chain:
     kept_above: list[int] = field(default_factory=list)  # labels of the kept blocks after this chain
     sensitivity: Sensitivity | None = None  # gradient-aware tolerances (revgrad.engine.sensitivity)
     call: CallArgs = NO_ARGS  # the chain's extra arguments, passed to every block (revgrad.engine.arguments)
+    sharding: sharding.ChainShards | None = None  # FSDP2 states inside the blocks (revgrad.engine.sharding)
 
 
 def _collect_params(blocks: list[nn.Module]) -> tuple[list[torch.Tensor], list[list[int]], list[BlockSlots]]:
@@ -413,8 +418,9 @@ def _record(
         try:
             with RNG_LOCK if rng else contextlib.nullcontext():
                 if two_part:
-                    with recording(tape):
-                        y, ld = Halves(*block.forward_halves(h.a, h.b, *call.args, **call.kwargs), h.dim), None
+                    with recording(tape):  # forward_halves bypasses __call__: FSDP2's hooks are made to fire
+                        halves_fn = sharding.through_fsdp(block, block.forward_halves)
+                        y, ld = Halves(*halves_fn(h.a, h.b, *call.args, **call.kwargs), h.dim), None
                     fp = _fingerprint(h) if want_fp else None
                 else:
                     # A fused block fingerprints its input inside its own kernel pass; others get it here.
@@ -619,8 +625,8 @@ if DEFER_CHECKS not in ("auto", "always", "never"):
 
 
 def _defer_checks(chain: _Chain, y: torch.Tensor) -> bool:
-    if chain.config.check == "off" or DEFER_CHECKS == "never":
-        return False
+    if chain.config.check == "off" or DEFER_CHECKS == "never" or chain.sharding is not None:
+        return False  # FSDP2: a second pass after a failed deferred check would reduce-scatter twice
     if chain.sensitivity is not None and chain.sensitivity.probing():
         return False  # a probe decides per block
     if DEFER_CHECKS != "always" and y.device.type != "cuda":
@@ -666,6 +672,8 @@ class _Backward:
             errors=[math.nan] * n, check=chain.config.check, tol=self.tol, anchors=sorted(anchors),
             deferred=deferred, probed=self.probing, sensitivity=[math.nan] * n if self.probing else [],
         )
+        # FSDP2 on the blocks: each block's step unshards it and hands its gradients to FSDP2.
+        self.shards = chain.sharding.backward() if chain.sharding is not None else None
 
     def _tol(self, i: int) -> float:
         """The tolerance of block ``i``'s input: ``tol``, tightened by its VJPs' sensitivity."""
@@ -677,14 +685,19 @@ class _Backward:
         arg_grads: list[torch.Tensor | None] = [None] * len(self.arg_leaves)
         h: torch.Tensor | Halves = y
         gy: torch.Tensor | Halves | None = grad_y
+        shards = self.shards
         for i in reversed(range(len(chain.blocks))):
             block, rec = chain.blocks[i], self.records[i]
             form = self._form(rec)  # how this block takes y and dL/dy: whole, or as halves
             h, gy = form(h), (None if gy is None else form(gy))
             gld = grad_logdet if rec.has_logdet else None
+            if shards is not None:
+                shards.begin_step(i)
             if gy is None and gld is None:
                 # No gradient flows through this block; its input is still needed below.
                 h = self._input_of(i, block, rec, halves.full(h), None, None)[0]
+                if shards is not None:
+                    shards.end_step(i)
                 continue
             bparams = [chain.params[j] for j in chain.block_params[i]]
             meter = self._meter(i, block)
@@ -706,6 +719,9 @@ class _Backward:
                     y_kept = None
             if meter is not None:
                 chain.graphs.record(chain.labels[i], chain.shape, meter.total, rec.nbytes)
+            if shards is not None:  # FSDP2-managed parameters: to the unsharded .grad, reduce-scattered
+                gps = shards.hand_over(i, chain.block_params[i], gps)
+                shards.end_step(i)
             nb = len(chain.block_params[i])
             for j, g in zip(chain.block_params[i], gps[:nb]):
                 if g is not None:
@@ -742,13 +758,23 @@ class _Backward:
         buffers as forward found them (``after``: as forward left them, for the inverse). Raises
         afterwards if the evaluation changed a parameter or a read-only buffer in place."""
         rec = self.records[i]
-        with self.chain.slots[i].modes_as(rec.modes), rec.buffers.shield(after):
+        unsharded = self.shards.evaluating(i) if self.shards is not None else contextlib.nullcontext()
+        with unsharded, self.chain.slots[i].modes_as(rec.modes), rec.buffers.shield(after):
             yield
         _refuse_changed_state(self.chain, self.records, self.param_versions, "by backward's evaluation of the block",
                               only=i)
 
     def _block_params(self, i: int) -> list[torch.Tensor]:
         return [self.chain.params[j] for j in self.chain.block_params[i]]
+
+    def _aliases(self, i: int, params: list[torch.Tensor], grad: bool = True):
+        """Block i's parameters swapped for detached aliases (of the unsharded ones under FSDP2)."""
+        substitutes = self.shards.substitutes(i) if self.shards is not None else None
+        return ParamAliases(self.chain.slots[i], substitutes).swap(params, grad=grad)
+
+    def _failed(self, failed: bool) -> bool:
+        """A check's decision; under FSDP2 agreed by all ranks (a correction all-gathers blocks)."""
+        return self.shards.agree(failed) if self.shards is not None else failed
 
     def _meter(self, i: int, block: nn.Module) -> SavedBytes | None:
         chain = self.chain
@@ -799,10 +825,11 @@ class _Backward:
             return x, vjp
         err = self._measure(error, i)
         tol = self._tol(i)
-        if err <= tol:
+        if not self._failed(not err <= tol):
             return x, vjp
         if self.chain.config.check == "detect":
-            raise ReconstructionError(self.chain.labels[i], block_type(block), err, tol)
+            raise ReconstructionError(self.chain.labels[i], block_type(block), err, tol,
+                                      None if not err <= tol else _ANOTHER_RANK)
         return self._correct(i, err, tol), None
 
     def _rebuild(
@@ -817,7 +844,7 @@ class _Backward:
         if rec.fused and bparams is not None:
             wanted = exact is None and (i in self.fingerprints or i in self.adaptive_at)
             request = FingerprintRequest(None) if wanted else None
-            aliasing = ParamAliases(self.chain.slots[i]).swap(bparams)
+            aliasing = self._aliases(i, bparams)
             call = self.call
             tape = rec.tape if rec.tape is not None else NULL_TAPE
             with self._as_in_forward(i), aliasing as aliases, requesting(request):
@@ -844,7 +871,7 @@ class _Backward:
             return x, vjp, (request.value if request is not None else None)
         # The inverse sees the block as forward left it, on aliases of its parameters (an inverse
         # that initialises them from data changes the aliases, never the parameters).
-        aliasing = ParamAliases(self.chain.slots[i]).swap(self._block_params(i), grad=False)
+        aliasing = self._aliases(i, self._block_params(i), grad=False)
         with torch.no_grad(), self._as_in_forward(i, after=True), aliasing, rec.replay(same_order=False):
             return self.chain.direction.undo(block, label, halves.full(y), self.call_nograd, rec), None, None
 
@@ -889,7 +916,7 @@ class _Backward:
         h = self.anchors[start]
         with torch.no_grad():
             for j in range(start, i):
-                aliasing = ParamAliases(chain.slots[j]).swap(self._block_params(j), grad=False)
+                aliasing = self._aliases(j, self._block_params(j), grad=False)
                 with self._as_in_forward(j), aliasing, self.records[j].replay():
                     h, _ = chain.direction.run(chain.blocks[j], chain.labels[j], h, self.call_nograd)
                 self.exact[j + 1] = h
@@ -935,6 +962,11 @@ class _Backward:
         # matters; ReLU networks' VJPs jump where a larger move crosses kinks), at least a rounding's.
         eps = max(0.0 if math.isnan(err) else err, self.tol * sensitivity.SMALLEST_MOVE)
         base = [None if gx is None else halves.full(gx), *gps]
+        if not sensitivity.all_finite(base):
+            # Overflowed gradients (an fp16 step a GradScaler will skip): nothing to measure here.
+            self.sens.skip()
+            self._failed(False)  # FSDP2: take part in the decision the other ranks make below
+            return x, gx, gps
         # Random directions of the actual error's size, the largest change: a ReLU network's VJP jumps
         # where a move crosses a kink, and the actual error crosses those a random move of its size
         # crosses (about as often); a smooth sensitivity shows in every direction.
@@ -955,7 +987,7 @@ class _Backward:
         self.sens.observe(key, s)
         self.report.sensitivity[i] = s
         bound = self.tol * min(1.0, BUDGET / s) if s > 0 else self.tol
-        if not rebuilt or math.isnan(err) or err <= bound:
+        if not self._failed(rebuilt and not math.isnan(err) and not err <= bound):
             return x, gx, gps
         chain = self.chain
         if chain.config.check == "detect":
@@ -978,7 +1010,7 @@ class _Backward:
     def _recompute_vjp(self, i, block, rec, x, gy, gld, bparams, need_gx):
         self.report.evaluations += 1
         x_ = x.detach().requires_grad_(need_gx)
-        aliasing = ParamAliases(self.chain.slots[i]).swap(bparams)
+        aliasing = self._aliases(i, bparams)
         with self._as_in_forward(i), aliasing as aliases, torch.enable_grad(), rec.replay():
             y_, ld_ = self.chain.direction.run(block, self.chain.labels[i], x_, self.call)
         pairs = [(o, g) for o, g in ((y_, gy), (ld_, gld)) if o is not None and g is not None and o.requires_grad]
@@ -1073,10 +1105,13 @@ def run_chain(
     params, per_block, slots = _collect_params(blocks)
     if not x.requires_grad and not params and not call.grad_tensors:
         return _plain(blocks, labels, steps, x, call)
+    shards = sharding.plan(blocks, labels, slots, params, per_block)
+    if shards is not None:
+        adaptive = None  # promoted per rank's data: ranks would rebuild (and all-gather) different blocks
     if adaptive is not None:
         adaptive.forget_beyond(len(blocks))
     chain = _Chain(blocks, labels, steps, config, params, per_block, slots, owner, adaptive, graphs, shape,
-                   list(kept_above or []), sensitivity, call)
+                   list(kept_above or []), sensitivity, call, shards)
     return _RevBackprop.apply(chain, x, *params, *call.grad_tensors)
 
 

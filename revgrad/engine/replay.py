@@ -624,12 +624,16 @@ class ParamAliases:
     to aliases (same storage, fresh leaves) leaves the parameters' hooks to fire exactly once. An
     inverse evaluated without grad also runs on aliases: a block that reassigns ``p.data`` there
     (a data-dependent initialisation) changes the alias, never the parameter.
+
+    ``substitutes`` (FSDP2, :mod:`revgrad.engine.sharding`): id of a parameter -> the tensor to alias in
+    its place (a sharded parameter's unsharded one); a slot holding either gets the alias.
     """
 
-    __slots__ = ("_slots",)
+    __slots__ = ("_slots", "_substitutes")
 
-    def __init__(self, slots: BlockSlots) -> None:
+    def __init__(self, slots: BlockSlots, substitutes: dict[int, torch.Tensor] | None = None) -> None:
         self._slots = slots.params
+        self._substitutes = substitutes
 
     @contextlib.contextmanager
     def swap(self, params: list[torch.Tensor], grad: bool = True) -> Iterator[list[torch.Tensor]]:
@@ -637,7 +641,13 @@ class ParamAliases:
         if not self._slots:
             yield list(params)
             return
-        alias = {id(p): (p.detach().requires_grad_() if grad else p.detach()) for p in params}
+        if self._substitutes:
+            alias = {}
+            for p in params:
+                q = self._substitutes.get(id(p), p)
+                alias[id(p)] = alias[id(q)] = q.detach().requires_grad_() if grad else q.detach()
+        else:
+            alias = {id(p): (p.detach().requires_grad_() if grad else p.detach()) for p in params}
         # The slots were found in forward and the evaluation must see forward's parameters, as plain
         # autograd's saved graph would; what a slot holds now (the user may have replaced a
         # parameter since) is put back afterwards.

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BUDGET", "DEFAULT_PROBE_EVERY", "Sensitivity", "perturbed", "relative_change"]
+__all__ = ["BUDGET", "DEFAULT_PROBE_EVERY", "Sensitivity", "all_finite", "perturbed", "relative_change"]
 
 DEFAULT_PROBE_EVERY = 20
 # A VJP may move by BUDGET * tol (relative) when its activation moves by its tolerance. A random
@@ -60,10 +60,18 @@ class Sensitivity:
     steps: int = 0
     values: dict[int, float] = field(default_factory=dict)
     _pending: dict[int, float] = field(default_factory=dict)
+    _skipped: bool = False  # this pass met a gradient that was not finite: nothing measured there
+    _again: bool = False  # the next pass probes (the last probe was skipped somewhere)
 
     def probing(self) -> bool:
-        """Whether the backward pass now starting probes (the first one, then every ``every``)."""
-        return self.every > 0 and self.steps % self.every == 0
+        """Whether the backward pass now starting probes (the first one, then every ``every``, and the
+        one after a probe that met non-finite gradients)."""
+        return self.every > 0 and (self._again or self.steps % self.every == 0)
+
+    def skip(self) -> None:
+        """A VJP to probe was not finite (an fp16 step whose gradients overflowed, which a GradScaler
+        then skips): a sensitivity measured there means nothing, so probe again in the next backward."""
+        self._skipped = True
 
     def tol(self, j: int, base: float) -> float:
         """The tolerance of activation ``j``: ``base * BUDGET / s``, never above ``base``."""
@@ -82,6 +90,7 @@ class Sensitivity:
         if probed:
             self.values = {**self.values, **self._pending}
             self._pending = {}
+            self._again, self._skipped = self._skipped, False
         self.steps += 1
 
 
@@ -97,6 +106,14 @@ def perturbed(h: torch.Tensor, eps: float, step: int) -> torch.Tensor:
     flat_h = h.detach().reshape(h.shape[0], -1).float()
     scale = eps * torch.linalg.vector_norm(flat_h, dim=1) / torch.linalg.vector_norm(flat_v, dim=1).clamp_min(1e-30)
     return (flat_h + flat_v * scale[:, None]).reshape(h.shape).to(h.dtype)
+
+
+def all_finite(tensors: list[torch.Tensor | None]) -> bool:
+    """Whether every tensor present is finite (one host read for all of them)."""
+    present = [t.detach() for t in tensors if t is not None]
+    if not present:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in present]).all())
 
 
 def relative_change(new: list[torch.Tensor | None], old: list[torch.Tensor | None]) -> float:

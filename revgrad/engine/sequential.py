@@ -12,11 +12,11 @@ from .anchors import AdaptiveAnchors
 from .arguments import NO_ARGS, CallArgs
 from .backprop import CheckMode, EngineConfig, _is_int, run_chain, run_plain
 from .graph_budget import GraphBudget
-from .protocol import BlockError, is_block, require_blocks
+from .protocol import BlockError, is_block, require_blocks, split_output
 from .report import BackwardReport
 from .sensitivity import DEFAULT_PROBE_EVERY, Sensitivity
 
-__all__ = ["DEFAULT_CHECK", "ReversibleSequential", "last_reports", "reversible"]
+__all__ = ["DEFAULT_CHECK", "PlainSequential", "ReversibleSequential", "last_reports", "reversible"]
 
 DEFAULT_CHECK: CheckMode = "correct"
 
@@ -265,14 +265,50 @@ class _RunReporter:
         self.owner._reports[self.start] = report
 
 
+class PlainSequential(nn.Sequential):
+    """A :class:`ReversibleSequential` without the engine: the same children, names and call
+    semantics (extra arguments go to every block, logdets are summed, other children get only the
+    tensor), trained with plain autograd. The baseline of a model built with ``memory_saving=False``;
+    :func:`reversible` converts it in place like an ``nn.Sequential``.
+
+    Shapes: ``forward(x: [B, ...], *args, **kwargs) -> y`` or ``(y, logdet: [B])``;
+    ``inverse(y, *args, **kwargs) -> x``.
+    """
+
+    chain_of_blocks = True  # a container of blocks, not a block (revgrad.is_block)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        logdet = None
+        h = x
+        for i, child in enumerate(self):
+            if not is_block(child):
+                h = child(h)
+                continue
+            h, ld = split_output(child(h, *args, **kwargs), i, child, h)
+            if ld is not None:
+                logdet = ld if logdet is None else logdet + ld
+        return h if logdet is None else (h, logdet)
+
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        require_blocks(self, f"revgrad: {type(self).__name__}.inverse", "child", BlockError)
+        for i in reversed(range(len(self))):
+            y = _first(self[i].inverse(y, *args, **kwargs))
+        return y
+
+
+def _first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 def _convert_in_place(module: nn.Module, options: dict) -> int:
-    """Turn every plain ``nn.Sequential`` below ``module`` that holds blocks into a ReversibleSequential."""
+    """Turn every plain ``nn.Sequential`` (or :class:`PlainSequential`) below ``module`` that holds blocks
+    into a ReversibleSequential."""
     converted = 0
     for child in module.children():
         if is_block(child):
             continue  # a block is atomic: its sub-networks are not chains
         converted += _convert_in_place(child, options)
-    if type(module) in (nn.Sequential, ReversibleSequential) and any(is_block(c) for c in module):
+    if type(module) in (nn.Sequential, PlainSequential, ReversibleSequential) and any(is_block(c) for c in module):
         # Swapping the class keeps child names, hooks and every outside reference to the container.
         module.__class__ = ReversibleSequential
         ReversibleSequential.configure(module, **options)

@@ -2,18 +2,34 @@
 revgrad's engine; ``memory_saving=False`` trains the same model with plain autograd (same
 ``state_dict`` keys).
 
-One module per family: :mod:`revgrad.models.revnet` (RevNet-38/110/164, Gomez et al. 2017) and
-:mod:`revgrad.models.glow` (the Glow-style INN classifier of Behrmann et al. 2021).
+One module per family: :mod:`revgrad.models.revnet` (RevNet-38/110/164, Gomez et al. 2017),
+:mod:`revgrad.models.glow` (the Glow-style INN classifier of Behrmann et al. 2021) and
+:mod:`revgrad.models.transformer` (RevViT, Mangalam et al. 2022, and a reversible causal LM).
 """
 
 from .glow import GlowClassifier, glow_classifier
+from .meft import MEFT, AdaptedFunction, Adapter, attention_bias, meft_model
 from .revnet import RevDownsample, RevNet, revnet38, revnet110, revnet164, revnet_bottleneck_branch, revnet_branch
+from .transformer import MLP, RevLM, RevViT, SelfAttention, rev_lm, rev_vit, rev_vit_base, rev_vit_small
 
 __all__ = [
+    "MEFT",
+    "MLP",
+    "AdaptedFunction",
+    "Adapter",
     "GlowClassifier",
     "RevDownsample",
+    "RevLM",
     "RevNet",
+    "RevViT",
+    "SelfAttention",
+    "attention_bias",
     "glow_classifier",
+    "meft_model",
+    "rev_lm",
+    "rev_vit",
+    "rev_vit_base",
+    "rev_vit_small",
     "revnet38",
     "revnet110",
     "revnet164",

@@ -17,8 +17,21 @@ BatchNorm buffers, drawn from the workload's seed):
   x2)``, ``f`` gives ``(x2, x1 + f(x2)) = (x2, y1)`` and ``g`` then ``(y1, x2 + g(y1)) = (y1, y2)``:
   exactly the revgrad coupling, with the same channel split and ``cat([y1, y2])`` output.
 
-memcnn and RevLib are optional: without them their providers are skipped (:func:`unavailable`
-says why), never a crash. Their wrappers express additive couplings only, so they run the RevNet
+:data:`TRANSFORMER_PEERS`, two more peers that are not in :data:`PROVIDERS` (the RevNet runs'
+default), offered by the transformer workloads:
+
+* ``reformer``: every run of additive couplings as reformer_pytorch's
+  ``reversible.ReversibleSequence([(f_0, g_0), (f_1, g_1), ...])``; its ``ReversibleBlock`` computes
+  ``y1 = x1 + f(x2)``, ``y2 = x2 + g(y1)`` on the halves of dim 2, so it expresses couplings on the
+  last dimension of ``[B, T, 2d]`` only (not the RevNet couplings on channels);
+* ``revtorch``: every run as ``revtorch.ReversibleSequence(ModuleList(ReversibleBlock(f, g,
+  split_along_dim=dim)))``: the same coupling on any dimension.
+
+Both take ``f`` and ``g`` as arbitrary modules: they run the very ``SelfAttention`` and ``MLP`` of
+the revgrad model (no attention of their own), and each saves only its output for backward.
+
+The peers are optional: without them their providers are skipped (:func:`unavailable` says why),
+never a crash. Their wrappers express additive couplings only, so they run the RevNet and transformer
 workloads, not the Glow stage.
 
 Workloads (:class:`Workload`):
@@ -29,7 +42,11 @@ Workloads (:class:`Workload`):
 * :func:`revnet_model`: RevNet-38/110/164 (:mod:`revgrad.models`) on ``[B, 3, 32, 32]``; the
   downsampling units keep plain autograd in every provider;
 * :func:`glow_stage`: ``K`` Glow steps (ActNorm, LU 1x1 convolution, sigmoid affine coupling) on
-  ``[B, C, H, W]``, returning ``(z, logdet[B])``.
+  ``[B, C, H, W]``, returning ``(z, logdet[B])``;
+* :func:`transformer_stack`: the ``N`` reversible layers of :func:`revgrad.models.rev_lm` (causal
+  pre-LN attention and MLP, couplings on the last dimension) on ``h: [B, T, 2d]``;
+* :func:`rev_vit_model`: :func:`revgrad.models.rev_vit` with ``N`` layers on ``[B, 3, S, S]``; the
+  patch embedding, the fusion and the head keep plain autograd in every provider.
 
 A training step (:class:`TrainStep`) is forward, backward with fixed upstream gradients for every
 output, then the gradients are set to None as ``optimizer.zero_grad()`` does (no optimizer step:
@@ -58,10 +75,12 @@ from ..engine.sequential import reversible
 from ..models.glow import glow_conditioner
 
 __all__ = [
+    "ALL_PROVIDERS",
     "FP32_TOL",
     "FP64_TOL",
     "PEERS",
     "PROVIDERS",
+    "TRANSFORMER_PEERS",
     "Agreement",
     "Branches",
     "CheckpointedStage",
@@ -80,14 +99,21 @@ __all__ = [
     "make_branches",
     "peer",
     "rel_error",
+    "rev_vit_model",
     "revnet_model",
     "revnet_stage",
     "run_step",
+    "transformer_stack",
     "unavailable",
 ]
 
 PROVIDERS: tuple[str, ...] = ("plain", "checkpoint", "revgrad-off", "revgrad-correct", "memcnn", "revlib")
-PEERS: tuple[str, ...] = ("memcnn", "revlib")  # optional packages, one provider each
+TRANSFORMER_PEERS: tuple[str, ...] = ("reformer", "revtorch")  # offered by the transformer workloads
+ALL_PROVIDERS: tuple[str, ...] = (*PROVIDERS, *TRANSFORMER_PEERS)
+PEERS: tuple[str, ...] = ("memcnn", "revlib", *TRANSFORMER_PEERS)  # optional packages, one provider each
+# What each peer imports, and the package that installs it.
+_PEER_IMPORTS = {"reformer": "reformer_pytorch.reversible"}
+_PEER_PACKAGES = {"reformer": "reformer_pytorch"}
 
 Branches = list[tuple[nn.Module, nn.Module]]
 Converter = Callable[[nn.Module], nn.Module]
@@ -101,14 +127,15 @@ _PEER_ERRORS: dict[str, str] = {}  # why a peer that is installed failed to impo
 
 
 def peer(name: str) -> ModuleType | None:
-    """The ``memcnn`` or ``revlib`` module, or None when it is not installed or fails to import
-    (imported once)."""
+    """The module of peer ``name`` (a provider of :data:`PEERS`: ``memcnn``, ``revlib``, ``revtorch``;
+    ``reformer`` -> ``reformer_pytorch.reversible``), or None when it is not installed or fails to
+    import (imported once)."""
     if name not in _PEER_MODULES:
         with warnings.catch_warnings():
             # memcnn 1.5.2 decorates with the deprecated torch.cuda.amp.custom_fwd/custom_bwd at import.
             warnings.simplefilter("ignore", FutureWarning)
             try:
-                _PEER_MODULES[name] = importlib.import_module(name)
+                _PEER_MODULES[name] = importlib.import_module(_PEER_IMPORTS.get(name, name))
             except ModuleNotFoundError:
                 _PEER_MODULES[name] = None
             except Exception as exc:  # a broken install is a skipped provider, not a crashed benchmark
@@ -176,14 +203,16 @@ class Workload:
 
 def unavailable(provider: str, workload: Workload | None = None) -> str | None:
     """Why ``provider`` cannot run (``workload`` here), or None when it can."""
-    if provider not in PROVIDERS:
-        return f"unknown provider (known: {', '.join(PROVIDERS)})"
+    if provider not in ALL_PROVIDERS:
+        return f"unknown provider (known: {', '.join(ALL_PROVIDERS)})"
     if workload is not None and provider in workload.unsupported:
         return workload.unsupported[provider]
+    if workload is not None and provider not in workload.converters:
+        return f"not offered for {workload.name}"
     if provider in PEERS and peer(provider) is None:
         if provider in _PEER_ERRORS:
             return f"{provider} failed to import: {_PEER_ERRORS[provider]}"
-        return f"{provider} is not installed (pip install --no-deps {provider})"
+        return f"{provider} is not installed (pip install --no-deps {_PEER_PACKAGES.get(provider, provider)})"
     return None
 
 
@@ -339,20 +368,50 @@ def _replace_coupling_runs(stage: nn.Sequential, convert: Callable[[list[Additiv
     return nn.Sequential(*out)
 
 
+def _split_dim(run: list[AdditiveCoupling]) -> int:
+    """The dimension every coupling of ``run`` splits (a peer wraps the run with one)."""
+    dims = {c.dim for c in run}
+    if len(dims) != 1:
+        raise ValueError(f"revgrad.tools.benchmark: a run of couplings split on several dimensions {sorted(dims)}")
+    if any(getattr(c, "scale1", 1.0) != 1.0 or getattr(c, "scale2", 1.0) != 1.0 for c in run):
+        raise ValueError("revgrad.tools.benchmark: the peers express unscaled additive couplings only")
+    return dims.pop()
+
+
 def _memcnn_run(run: list[AdditiveCoupling]) -> list[nn.Module]:
     memcnn = peer("memcnn")
+    dim = _split_dim(run)
     return [
-        memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(c.f, c.g), keep_input=False, keep_input_inverse=False)
+        memcnn.InvertibleModuleWrapper(memcnn.AdditiveCoupling(c.f, c.g, split_dim=dim), keep_input=False,
+                                       keep_input_inverse=False)
         for c in run
     ]
 
 
 def _revlib_run(run: list[AdditiveCoupling]) -> list[nn.Module]:
-    return [peer("revlib").ReversibleSequential(*(m for c in run for m in (c.f, c.g)), split_dim=1)]
+    return [peer("revlib").ReversibleSequential(*(m for c in run for m in (c.f, c.g)), split_dim=_split_dim(run))]
+
+
+def _revtorch_run(run: list[AdditiveCoupling]) -> list[nn.Module]:
+    revtorch = peer("revtorch")
+    dim = _split_dim(run)
+    return [revtorch.ReversibleSequence(nn.ModuleList(
+        revtorch.ReversibleBlock(c.f, c.g, split_along_dim=dim) for c in run))]
+
+
+def _reformer_run(run: list[AdditiveCoupling]) -> list[nn.Module]:
+    if _split_dim(run) not in (2, -1):
+        raise ValueError("revgrad.tools.benchmark: reformer_pytorch's ReversibleBlock splits dim 2 of [B, T, 2d] "
+                         "only")
+    return [peer("reformer").ReversibleSequence([(c.f, c.g) for c in run])]  # arg_route: no extra arguments
 
 
 def _revgrad(check: str) -> Converter:
     return lambda model: reversible(model, check=check)
+
+
+def _peer_converter(convert_run: Callable[[list[AdditiveCoupling]], list[nn.Module]]) -> Converter:
+    return lambda model: _map_stages(model, lambda s: _replace_coupling_runs(s, convert_run))
 
 
 COUPLING_CONVERTERS: dict[str, Converter] = {
@@ -360,8 +419,16 @@ COUPLING_CONVERTERS: dict[str, Converter] = {
     "checkpoint": lambda model: _map_stages(model, lambda s: CheckpointedStage(s, _sqrt_segments(len(s)))),
     "revgrad-off": _revgrad("off"),
     "revgrad-correct": _revgrad("correct"),
-    "memcnn": lambda model: _map_stages(model, lambda s: _replace_coupling_runs(s, _memcnn_run)),
-    "revlib": lambda model: _map_stages(model, lambda s: _replace_coupling_runs(s, _revlib_run)),
+    "memcnn": _peer_converter(_memcnn_run),
+    "revlib": _peer_converter(_revlib_run),
+    "revtorch": _peer_converter(_revtorch_run),
+}
+# The transformer workloads: couplings on the last dimension of [B, T, 2d], which reformer_pytorch expresses too.
+LAST_DIM_CONVERTERS: dict[str, Converter] = COUPLING_CONVERTERS | {"reformer": _peer_converter(_reformer_run)}
+
+_CHANNEL_SPLIT = {
+    "reformer": "not expressible: reformer_pytorch's ReversibleBlock splits dim 2 (the features of [B, T, 2d]); "
+                "these couplings split channels (dim 1)",
 }
 
 
@@ -381,6 +448,7 @@ def revnet_stage(cfg: StageConfig | None = None, **sizes: int) -> Workload:
         sample_shape=cfg.input_shape[1:],
         batch=cfg.batch,
         converters=COUPLING_CONVERTERS,
+        unsupported=_CHANNEL_SPLIT,
         seed=cfg.seed,
     )
 
@@ -404,6 +472,7 @@ def revnet_model(name: str, batch: int = 8, size: int = 32, seed: int = 0) -> Wo
         sample_shape=(3, size, size),
         batch=batch,
         converters=COUPLING_CONVERTERS,
+        unsupported=_CHANNEL_SPLIT,
         seed=seed,
     )
 
@@ -456,6 +525,68 @@ def glow_stage(steps: int = 8, channels: int = 12, size: int = 16, hidden: int =
             "revgrad-correct": _revgrad("correct"),
         },
         unsupported={p: _NO_LOGDET_PEERS for p in PEERS},
+        seed=seed,
+    )
+
+
+def transformer_stack(depth: int = 8, dim: int = 256, tokens: int = 256, heads: int = 4, batch: int = 8,
+                      mlp_ratio: float = 4.0, seed: int = 0) -> Workload:
+    """The ``depth`` reversible layers of :func:`revgrad.models.rev_lm` on ``h: [batch, tokens, 2 * dim]``.
+
+    Each layer is ``AdditiveCoupling(SelfAttention(dim, heads, causal=True), MLP(dim, mlp_ratio * dim),
+    dim=-1)`` with rev_lm's initialization (``memory_saving=False``: a :class:`revgrad.PlainSequential`
+    that every provider converts); no embedding, fusion or head, as the RevNet stage has no stem. Output
+    ``[B, T, 2d]``. Every provider runs these very modules: the peers wrap the layers' ``f`` and ``g``.
+    """
+    if depth < 1 or dim < 1 or tokens < 1 or heads < 1 or dim % heads:
+        raise ValueError(f"revgrad.tools.benchmark: transformer_stack needs depth, tokens >= 1 and dim divisible by "
+                         f"heads, got depth {depth}, dim {dim}, tokens {tokens}, heads {heads}")
+
+    def build() -> nn.Module:
+        return models.rev_lm(vocab_size=2, dim=dim, depth=depth, heads=heads, max_len=tokens, mlp_ratio=mlp_ratio,
+                             memory_saving=False).layers
+
+    return Workload(
+        name=f"revlm-stack-{depth}",
+        description=(
+            f"{depth} reversible transformer layers of rev_lm (causal pre-LN attention, {heads} heads, MLP "
+            f"{mlp_ratio:g}x; coupling on the last dim), d {dim} per stream, input [B, {tokens}, {2 * dim}]"
+        ),
+        make=lambda: _seeded(seed, build),
+        sample_shape=(tokens, 2 * dim),
+        batch=batch,
+        converters=LAST_DIM_CONVERTERS,
+        seed=seed,
+    )
+
+
+def rev_vit_model(depth: int = 12, dim: int = 384, heads: int = 6, size: int = 224, patch: int = 16,
+                  batch: int = 8, num_classes: int = 1000, seed: int = 0) -> Workload:
+    """:func:`revgrad.models.rev_vit` with ``depth`` layers on ``[batch, 3, size, size]``, logits ``[B, num_classes]``.
+
+    The defaults are RevViT-S/16 (``dim=768, heads=12``: RevViT-B/16). Every provider converts the
+    reversible layers; the patch embedding, the stream fusion, the final LayerNorm and the head keep
+    plain autograd (``checkpoint`` checkpoints the layers, ``ceil(sqrt(N))`` segments).
+    """
+    if size % patch or dim % heads or depth < 1:
+        raise ValueError(f"revgrad.tools.benchmark: rev_vit_model needs size divisible by patch, dim by heads and "
+                         f"depth >= 1, got size {size}, patch {patch}, dim {dim}, heads {heads}, depth {depth}")
+    tokens = (size // patch) ** 2
+
+    def build() -> nn.Module:
+        return models.rev_vit(img_size=size, patch_size=patch, num_classes=num_classes, dim=dim, depth=depth,
+                              heads=heads, memory_saving=False)
+
+    return Workload(
+        name=f"rev-vit-{depth}",
+        description=(
+            f"{depth} RevViT layers (d {dim} per stream, {heads} heads, patch {patch}: {tokens} tokens) with patch "
+            f"embedding and {num_classes}-class head, input [B, 3, {size}, {size}]"
+        ),
+        make=lambda: _seeded(seed, build),
+        sample_shape=(3, size, size),
+        batch=batch,
+        converters=LAST_DIM_CONVERTERS,
         seed=seed,
     )
 

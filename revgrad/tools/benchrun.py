@@ -1,9 +1,12 @@
-"""``revgrad bench``: memory and step time of every provider on the RevNet stage, over depth.
+"""``revgrad bench``: memory and step time of every provider on the RevNet stage (or a transformer), over depth.
 
-For every depth, every provider trains the same stage (:func:`revgrad.tools.benchmark.revnet_stage`, same
-initial weights): the bytes held between forward and backward and the peak of the step
-(:func:`revgrad.tools.measure.step_memory`), then the step time, providers interleaved round by round
-(:func:`revgrad.tools.measure.time_interleaved`), with ratios to plain autograd measured in the same run.
+For every depth, every provider trains the same workload (same initial weights): the RevNet stage
+(:func:`revgrad.tools.benchmark.revnet_stage`, ``workload="revnet-stage"``), the layers of a reversible
+causal language model (:func:`revgrad.tools.benchmark.transformer_stack`, ``"transformer"``) or a RevViT
+(:func:`revgrad.tools.benchmark.rev_vit_model`, ``"vit"``); the bytes held between forward and backward
+and the peak of the step (:func:`revgrad.tools.measure.step_memory`), then the step time, providers
+interleaved round by round (:func:`revgrad.tools.measure.time_interleaved`), with ratios to plain
+autograd measured in the same run.
 A float64 check first makes sure every provider computes plain autograd's gradients. Optionally, the
 largest batch whose step fits a byte budget (:func:`revgrad.tools.measure.largest_batch`).
 
@@ -28,7 +31,17 @@ from typing import Any
 
 import torch
 
-from .benchmark import PROVIDERS, TrainStep, Workload, available_providers, compare_with_plain, revnet_stage
+from .benchmark import (
+    ALL_PROVIDERS,
+    PROVIDERS,
+    TrainStep,
+    Workload,
+    available_providers,
+    compare_with_plain,
+    rev_vit_model,
+    revnet_stage,
+    transformer_stack,
+)
 from .measure import (
     available_cores,
     is_out_of_memory,
@@ -42,7 +55,9 @@ from .measure import (
 
 __all__ = [
     "FULL",
+    "PRESETS",
     "QUICK",
+    "WORKLOADS",
     "BenchSettings",
     "bench_session",
     "format_table",
@@ -57,6 +72,7 @@ __all__ = [
 
 SCHEMA = "revgrad.bench/1"
 MIB = 2**20
+WORKLOADS: tuple[str, ...] = ("revnet-stage", "transformer", "vit")
 
 
 @dataclass(frozen=True)
@@ -64,8 +80,13 @@ class BenchSettings:
     """What ``revgrad bench`` measures.
 
     Attributes:
-        depths: blocks of the stage, one measurement each.
-        batch, channels, size: the stage input ``[batch, channels, size, size]`` (fp32).
+        workload: ``"revnet-stage"`` (the RevNet stage), ``"transformer"`` (rev_lm's layers on
+            ``[batch, tokens, 2 * dim]``) or ``"vit"`` (RevViT on ``[batch, 3, size, size]``).
+        depths: blocks (layers) of the workload, one measurement each.
+        batch, channels, size: the stage input ``[batch, channels, size, size]`` (fp32); ``size`` is
+            also RevViT's image size.
+        dim, heads, tokens, patch: the transformers' features per stream, attention heads, sequence
+            length (``"transformer"``) and patch size (``"vit"``, ``(size / patch) ** 2`` tokens).
         steps: timed steps per provider and depth (one per round; the table gives the median).
         warmup: untimed steps per provider and depth before timing (after the memory step).
         providers: providers to run; ``plain`` is always added (every ratio is to it).
@@ -78,6 +99,7 @@ class BenchSettings:
         seed: weights and data.
     """
 
+    workload: str = "revnet-stage"
     depths: tuple[int, ...] = (8, 16, 32, 64, 128)
     batch: int = 16
     channels: int = 32
@@ -90,21 +112,32 @@ class BenchSettings:
     check: bool = True
     budget_mib: float | None = None
     seed: int = 0
+    dim: int = 256
+    heads: int = 4
+    tokens: int = 256
+    patch: int = 16
 
     def validate(self) -> None:
         """Raise ``ValueError`` with a readable message for impossible settings."""
+        if self.workload not in WORKLOADS:
+            raise ValueError(f"--workload must be one of {', '.join(WORKLOADS)}, got {self.workload!r}")
         if not self.depths or min(self.depths) < 1:
             raise ValueError(f"--depths must be positive integers, got {list(self.depths)}")
-        for name in ("batch", "channels", "size", "steps"):
+        for name in ("batch", "channels", "size", "steps", "dim", "heads", "tokens", "patch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         if self.warmup < 0:
             raise ValueError(f"--warmup must be >= 0, got {self.warmup}")
         if self.channels % 2:
             raise ValueError(f"--channels must be even (the couplings split them in halves), got {self.channels}")
-        unknown = [p for p in self.providers if p not in PROVIDERS]
+        if self.workload != "revnet-stage" and self.dim % self.heads:
+            raise ValueError(f"--dim must be divisible by --heads, got {self.dim} and {self.heads}")
+        if self.workload == "vit" and self.size % self.patch:
+            raise ValueError(f"--size must be divisible by --patch for the vit workload, got {self.size} and "
+                             f"{self.patch}")
+        unknown = [p for p in self.providers if p not in ALL_PROVIDERS]
         if unknown:
-            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; known: {', '.join(PROVIDERS)}")
+            raise ValueError(f"unknown provider(s) {', '.join(unknown)}; known: {', '.join(ALL_PROVIDERS)}")
         if self.budget_mib is not None and not self.budget_mib > 0:
             raise ValueError(f"--budget-mib must be positive, got {self.budget_mib}")
 
@@ -116,6 +149,23 @@ class BenchSettings:
 
 FULL = BenchSettings()
 QUICK = BenchSettings(depths=(8, 16, 32), batch=8, steps=3)
+# Per workload, (full, --quick). The transformers also offer reformer_pytorch and revtorch.
+PRESETS: dict[str, tuple[BenchSettings, BenchSettings]] = {
+    "revnet-stage": (FULL, QUICK),
+    # rev_lm's default width: d 256 per stream, 4 heads, 256 tokens.
+    "transformer": (
+        BenchSettings(workload="transformer", depths=(4, 8, 16, 32), batch=8, steps=3, providers=ALL_PROVIDERS),
+        BenchSettings(workload="transformer", depths=(2, 4, 8), batch=4, dim=64, heads=4, tokens=64, steps=3,
+                      providers=ALL_PROVIDERS),
+    ),
+    # RevViT-S/16 at 224 px (dim 768, heads 12: RevViT-B/16).
+    "vit": (
+        BenchSettings(workload="vit", depths=(4, 8, 12), batch=8, size=224, patch=16, dim=384, heads=6, steps=3,
+                      providers=ALL_PROVIDERS),
+        BenchSettings(workload="vit", depths=(2, 4, 8), batch=4, size=64, patch=8, dim=96, heads=3, steps=3,
+                      providers=ALL_PROVIDERS),
+    ),
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -134,8 +184,28 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _stage(settings: BenchSettings, depth: int, batch: int | None = None) -> Workload:
-    return revnet_stage(blocks=depth, batch=batch or settings.batch, channels=settings.channels,
-                        size=settings.size, seed=settings.seed)
+    """The workload of ``settings`` at ``depth`` blocks (and ``batch``, default the settings')."""
+    s, batch = settings, batch or settings.batch
+    if s.workload == "transformer":
+        return transformer_stack(depth=depth, dim=s.dim, tokens=s.tokens, heads=s.heads, batch=batch, seed=s.seed)
+    if s.workload == "vit":
+        return rev_vit_model(depth=depth, dim=s.dim, heads=s.heads, size=s.size, patch=s.patch, batch=batch,
+                             seed=s.seed)
+    return revnet_stage(blocks=depth, batch=batch, channels=s.channels, size=s.size, seed=s.seed)
+
+
+def _exact(settings: BenchSettings) -> Workload:
+    """A small copy of the workload for the float64 check: the same kind of blocks and at most 8 of them
+    (4 transformer layers), batch 2, and small images, sequences and widths (float64 is slow on CPU;
+    agreement tests the algorithm, not the sizes)."""
+    s, depth = settings, min(settings.depths)
+    if s.workload == "transformer":
+        return transformer_stack(depth=min(depth, 4), dim=s.heads * min(s.dim // s.heads, 8), tokens=min(s.tokens, 16),
+                                 heads=s.heads, batch=2, seed=s.seed)
+    if s.workload == "vit":
+        return rev_vit_model(depth=min(depth, 4), dim=s.heads * min(s.dim // s.heads, 8), heads=s.heads,
+                             size=min(s.size, 2 * s.patch), patch=s.patch, batch=2, num_classes=10, seed=s.seed)
+    return revnet_stage(blocks=min(depth, 8), batch=2, channels=s.channels, size=min(s.size, 8), seed=s.seed)
 
 
 def _providers(settings: BenchSettings, notes: list[str]) -> list[str]:
@@ -150,10 +220,8 @@ def _check(settings: BenchSettings, providers: list[str], notes: list[str],
            device: torch.device) -> dict[str, dict[str, Any]]:
     """float64 agreement of every provider with plain autograd on a small copy of the stage, on the
     device measured (on CUDA: the engine's CUDA path)."""
-    small = revnet_stage(blocks=min(min(settings.depths), 8), batch=2, channels=settings.channels,
-                         size=min(settings.size, 8), seed=settings.seed)
     out = {}
-    for p, a in compare_with_plain(small, providers, fp32=False, device=device).items():
+    for p, a in compare_with_plain(_exact(settings), providers, fp32=False, device=device).items():
         out[p] = {"agrees": a.ok, "max_fp64_error": a.max_fp64_error, "summary": a.summary()}
         if not a.ok:
             notes.append(f"{p}: DISAGREES with plain autograd in float64 ({a.summary()}); its numbers are not "
@@ -321,7 +389,7 @@ def run_bench(settings: BenchSettings, *, progress: bool = True, command: str | 
                          "compete for the CPU, step times are noisy (ratios are paired per round)")
         providers = _providers(settings, notes)
         info = workload_info(_stage(settings, settings.depths[0]), device)
-        info |= {"name": "revnet-stage", "description": "N " + info["description"].split(" ", 1)[1]}
+        info |= {"name": info["name"].rsplit("-", 1)[0], "description": "N " + info["description"].split(" ", 1)[1]}
         result: dict[str, Any] = {
             "schema": SCHEMA,
             "machine": machine_info(device, command) | {"malloc_pinned": malloc_pinned},
@@ -445,7 +513,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax_mem.legend(fontsize=8)
     m, s = result["machine"], result["settings"]
     where = m["gpu"] or f"{m['cpu']}, {m['threads']} thread{'s' if m['threads'] > 1 else ''}"
-    fig.suptitle(f"revgrad bench: RevNet stage, batch {s['batch']}, [{s['channels']}x{s['size']}x{s['size']}] "
+    shape = "x".join(map(str, result["workload"]["input_shape"][1:]))
+    fig.suptitle(f"revgrad bench: {result['workload']['name']}, batch {s['batch']}, [{shape}] "
                  f"- {where} - torch {m['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

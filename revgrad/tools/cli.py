@@ -59,88 +59,143 @@ def _error(message: str, prefix: str = "revgrad: error: ") -> None:
 # --------------------------------------------------------------------------------------------------
 # revgrad demo
 
+#: Options of ``revgrad demo`` that belong to one task (argparse ``dest`` -> task); the others are shared.
+_DEMO_TASK_OPTIONS = {
+    "epochs": "digits", "channels": "digits", "stages": "digits",
+    "steps": "lm", "dim": "lm", "heads": "lm", "seq_len": "lm", "dropout": "lm", "sample_len": "lm",
+}
+
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .demo import DEFAULTS  # light: torch is already imported by the package
+    from .demo import DEFAULTS, LM_DEFAULTS  # light: torch is already imported by the package
 
+    parser.add_argument("--task", choices=("digits", "lm"), default="digits",
+                        help="'digits': a reversible ResNet on scikit-learn's digits; 'lm': a reversible causal "
+                             "language model on Python's own help text (pydoc_data, byte tokens) "
+                             "(default: %(default)s)")
     model = parser.add_argument_group("model")
-    model.add_argument("--depth", type=_positive_int, default=DEFAULTS.depth, metavar="N",
-                       help="AdditiveCoupling blocks per reversible stage (default: %(default)s)")
-    model.add_argument("--channels", type=_positive_int, default=DEFAULTS.channels, metavar="C",
-                       help="channels of the first stage, even; each later stage doubles them "
-                            "(default: %(default)s)")
-    model.add_argument("--stages", type=int, choices=(1, 2, 3), default=DEFAULTS.stages,
-                       help="reversible stages, with a stride-2 downsampling between them (default: %(default)s)")
+    model.add_argument("--depth", type=_positive_int, default=None, metavar="N",
+                       help=f"digits: AdditiveCoupling blocks per reversible stage (default: {DEFAULTS.depth}); "
+                            f"lm: reversible transformer layers (default: {LM_DEFAULTS.depth})")
+    model.add_argument("--channels", type=_positive_int, default=None, metavar="C",
+                       help=f"digits: channels of the first stage, even; each later stage doubles them "
+                            f"(default: {DEFAULTS.channels})")
+    model.add_argument("--stages", type=int, choices=(1, 2, 3), default=None,
+                       help=f"digits: reversible stages, with a stride-2 downsampling between them "
+                            f"(default: {DEFAULTS.stages})")
+    model.add_argument("--dim", type=_positive_int, default=None, metavar="D",
+                       help=f"lm: features of each of the two streams (default: {LM_DEFAULTS.dim})")
+    model.add_argument("--heads", type=_positive_int, default=None, metavar="H",
+                       help=f"lm: attention heads, dividing --dim (default: {LM_DEFAULTS.heads})")
+    model.add_argument("--seq-len", type=_positive_int, default=None, metavar="T",
+                       help=f"lm: bytes per training sequence (default: {LM_DEFAULTS.seq_len})")
+    model.add_argument("--dropout", type=float, default=None, metavar="P",
+                       help=f"lm: dropout, replayed exactly in backward (default: {LM_DEFAULTS.dropout:g})")
     model.add_argument("--check", choices=("off", "detect", "correct"), default=DEFAULTS.check,
                        help="revgrad's reconstruction check: 'off' (classic reversible backprop), 'detect' "
                             "(raise on a drifted rebuilt activation) or 'correct' (recompute it exactly from "
                             "an anchor) (default: %(default)s)")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=_positive_int, default=DEFAULTS.epochs, metavar="N",
-                          help="passes over the training set (default: %(default)s)")
-    training.add_argument("--batch-size", type=_positive_int, default=DEFAULTS.batch_size, metavar="B",
-                          help="training batch size, also the batch whose held memory is measured "
-                               "(default: %(default)s)")
-    training.add_argument("--lr", type=_positive_float, default=DEFAULTS.lr,
-                          help="peak learning rate of AdamW, one-cycle schedule (default: %(default)s)")
+    training.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
+                          help=f"digits: passes over the training set (default: {DEFAULTS.epochs})")
+    training.add_argument("--steps", type=_positive_int, default=None, metavar="N",
+                          help=f"lm: training steps (default: {LM_DEFAULTS.steps})")
+    training.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
+                          help=f"training batch size, also the batch whose held memory is measured "
+                               f"(default: {DEFAULTS.batch_size} for digits, {LM_DEFAULTS.batch_size} for lm)")
+    training.add_argument("--lr", type=_positive_float, default=None,
+                          help=f"peak learning rate of AdamW, one-cycle schedule "
+                               f"(default: {DEFAULTS.lr:g} for digits, {LM_DEFAULTS.lr:g} for lm)")
     training.add_argument("--seed", type=int, default=DEFAULTS.seed,
                           help="seed of the initial weights and the batch order; runs with the same seed and "
                                "thread count give the same result (default: %(default)s)")
 
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--threads", type=_positive_int, default=DEFAULTS.threads, metavar="N",
-                         help="CPU threads for torch; the demo's convolutions are small, and extra threads "
+                         help="CPU threads for torch; the demo's layers are small, and extra threads "
                               "slow down badly on a CPU busy with other work (default: %(default)s)")
     runtime.add_argument("--device", default=DEFAULTS.device,
                          help="where to train: 'cpu' or a CUDA device such as 'cuda' or 'cuda:1' "
                               "(default: %(default)s)")
+    runtime.add_argument("--sample-len", type=int, default=None, metavar="N",
+                         help=f"lm: bytes to sample from the trained model and print (default: "
+                              f"{LM_DEFAULTS.sample_len})")
     runtime.add_argument("--no-progress", dest="progress", action="store_false",
-                         help="do not show the per-epoch progress bars")
+                         help="do not show the progress bars")
+
+
+def _demo_options(args: argparse.Namespace, defaults) -> dict:
+    """The settings of ``args.task`` given on the command line, the task's defaults for the others."""
+    from dataclasses import fields
+
+    given = {f.name: getattr(args, f.name, None) for f in fields(defaults)}
+    return {name: getattr(defaults, name) if value is None else value for name, value in given.items()}
+
+
+def _demo_device_error(device_name: str) -> str | None:
+    import torch
+
+    try:
+        device = torch.device(device_name)
+    except RuntimeError as exc:
+        return f"--device {device_name}: {exc}"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device_name}: CUDA is not available"
+    if device.type not in ("cpu", "cuda"):
+        return f"--device {device_name}: the demo runs on 'cpu' or 'cuda'"
+    return None
 
 
 def _demo_run(args: argparse.Namespace) -> int:
-    import torch
+    from dataclasses import asdict
 
     from ..engine.protocol import ReconstructionError
-    from .demo import DemoSettings, run_demo
+    from .demo import DEFAULTS, LM_DEFAULTS, DemoSettings, LMDemoSettings, run_demo, run_lm_demo
 
-    settings = DemoSettings(
-        epochs=args.epochs, depth=args.depth, channels=args.channels, stages=args.stages,
-        batch_size=args.batch_size, lr=args.lr, check=args.check, seed=args.seed,
-        threads=args.threads, device=args.device,
-    )
+    for dest, task in _DEMO_TASK_OPTIONS.items():
+        if task != args.task and getattr(args, dest, None) is not None:
+            _error(f"revgrad demo: --{dest.replace('_', '-')} is an option of --task {task}, not {args.task}")
+            return 2
+    if args.task == "lm":
+        settings = LMDemoSettings(**_demo_options(args, LM_DEFAULTS))
+    else:
+        settings = DemoSettings(**_demo_options(args, DEFAULTS))
     try:
         settings.validate()
     except ValueError as exc:
         _error(str(exc))
         return 2
-    try:
-        device = torch.device(settings.device)
-    except RuntimeError as exc:
-        _error(f"--device {settings.device}: {exc}")
-        return 2
-    if device.type == "cuda" and not torch.cuda.is_available():
-        _error(f"--device {settings.device}: CUDA is not available")
-        return 2
-    if device.type not in ("cpu", "cuda"):
-        _error(f"--device {settings.device}: the demo runs on 'cpu' or 'cuda'")
+    why = _demo_device_error(settings.device)
+    if why:
+        _error(why)
         return 2
 
-    print(
-        f"revgrad demo: a reversible ResNet on scikit-learn's digits (8x8 images, 10 classes)\n"
-        f"  model: stem conv, {settings.stages} stage(s) x {settings.depth} AdditiveCoupling blocks, "
-        f"{settings.channels} channels, check={settings.check!r}\n"
-        f"  training: {settings.epochs} epochs, batch {settings.batch_size}, lr {settings.lr:g}, "
-        f"seed {settings.seed}, device {settings.device}",
-        flush=True,
-    )
-    try:
-        result = run_demo(
-            epochs=settings.epochs, depth=settings.depth, channels=settings.channels, stages=settings.stages,
-            batch_size=settings.batch_size, lr=settings.lr, check=settings.check, seed=settings.seed,
-            threads=settings.threads, device=settings.device, progress=args.progress,
+    if isinstance(settings, LMDemoSettings):
+        s = settings
+        print(
+            f"revgrad demo --task lm: a reversible causal language model on Python's help topics "
+            f"(pydoc_data, byte tokens)\n"
+            f"  model: {s.depth} AdditiveCoupling(SelfAttention, MLP) layers, two streams of {s.dim} features, "
+            f"{s.heads} heads, check={s.check!r}\n"
+            f"  training: {s.steps} steps, batch {s.batch_size} x {s.seq_len} bytes, lr {s.lr:g}, "
+            f"seed {s.seed}, device {s.device}",
+            flush=True,
         )
+        run = lambda: run_lm_demo(**asdict(s), progress=args.progress)  # noqa: E731
+    else:
+        s = settings
+        print(
+            f"revgrad demo: a reversible ResNet on scikit-learn's digits (8x8 images, 10 classes)\n"
+            f"  model: stem conv, {s.stages} stage(s) x {s.depth} AdditiveCoupling blocks, "
+            f"{s.channels} channels, check={s.check!r}\n"
+            f"  training: {s.epochs} epochs, batch {s.batch_size}, lr {s.lr:g}, "
+            f"seed {s.seed}, device {s.device}",
+            flush=True,
+        )
+        run = lambda: run_demo(**asdict(s), progress=args.progress)  # noqa: E731
+    try:
+        result = run()
     except ModuleNotFoundError as exc:
         if exc.name != "sklearn":
             raise
@@ -149,8 +204,12 @@ def _demo_run(args: argparse.Namespace) -> int:
     except ReconstructionError as exc:
         _error(f"{exc}\n(the demo ran with --check detect; --check correct recovers from this)")
         return 1
-    print(f"  {result.parameters:,} parameters, {result.blocks} reversible blocks, "
-          f"{result.train_size} training / {result.test_size} test images")
+    if isinstance(settings, LMDemoSettings):
+        print(f"  {result.parameters:,} parameters, {settings.depth} reversible layers, "
+              f"{result.train_tokens:,} training / {result.heldout_tokens:,} held-out bytes")
+    else:
+        print(f"  {result.parameters:,} parameters, {result.blocks} reversible blocks, "
+              f"{result.train_size} training / {result.test_size} test images")
     print(result.summary())
     return 0
 
@@ -196,28 +255,46 @@ def _doctor_run(args: argparse.Namespace) -> int:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .benchmark import PROVIDERS
-    from .benchrun import FULL, QUICK
+    from .benchmark import ALL_PROVIDERS, PROVIDERS
+    from .benchrun import FULL, PRESETS, QUICK, WORKLOADS
 
-    # Defaults are None so that --quick can fill in what was not given.
-    sizes = parser.add_argument_group("sizes (defaults: full run / with --quick)")
+    parser.add_argument("--workload", choices=WORKLOADS, default="revnet-stage",
+                        help="what every provider trains: the RevNet stage, the layers of a reversible causal "
+                             "language model (rev_lm, input [B, tokens, 2 dim]) or a RevViT (images [B, 3, size, "
+                             "size]); the transformers add reformer_pytorch and revtorch (default: %(default)s)")
+    # Defaults are None so that --quick and --workload can fill in what was not given.
+    sizes = parser.add_argument_group("sizes (defaults: full run / with --quick; revnet-stage unless said)")
     sizes.add_argument("--quick", action="store_true",
                        help=f"small sizes that finish in about a minute on a 2-core CPU: depths "
                             f"{' '.join(map(str, QUICK.depths))}, batch {QUICK.batch}, {QUICK.steps} timed steps")
     sizes.add_argument("--depths", type=_positive_int, nargs="+", metavar="N",
-                       help=f"blocks of the stage (default: {' '.join(map(str, FULL.depths))})")
+                       help=f"blocks of the stage (default: {' '.join(map(str, FULL.depths))}; transformer "
+                            f"{' '.join(map(str, PRESETS['transformer'][0].depths))}, vit "
+                            f"{' '.join(map(str, PRESETS['vit'][0].depths))})")
     sizes.add_argument("--batch", type=_positive_int, metavar="B", help=f"batch size (default: {FULL.batch})")
     sizes.add_argument("--channels", type=_positive_int, metavar="C",
                        help=f"channels of the stage input, even (default: {FULL.channels})")
     sizes.add_argument("--size", type=_positive_int, metavar="S",
-                       help=f"height = width of the stage input (default: {FULL.size})")
+                       help=f"height = width of the stage input, or of RevViT's images (default: {FULL.size}; vit "
+                            f"{PRESETS['vit'][0].size})")
+    transformer, vit = PRESETS["transformer"][0], PRESETS["vit"][0]
+    sizes.add_argument("--dim", type=_positive_int, metavar="D",
+                       help=f"transformers: features per stream (default: transformer {transformer.dim}, vit "
+                            f"{vit.dim})")
+    sizes.add_argument("--heads", type=_positive_int, metavar="H",
+                       help=f"transformers: attention heads (default: transformer {transformer.heads}, vit "
+                            f"{vit.heads})")
+    sizes.add_argument("--tokens", type=_positive_int, metavar="T",
+                       help=f"transformer: sequence length (default: {transformer.tokens})")
+    sizes.add_argument("--patch", type=_positive_int, metavar="P",
+                       help=f"vit: patch size, (size / patch)^2 tokens (default: {vit.patch})")
     sizes.add_argument("--steps", type=_positive_int, metavar="K",
                        help=f"timed steps per provider and depth, interleaved (default: {FULL.steps})")
     sizes.add_argument("--warmup", type=int, metavar="K",
                        help=f"untimed steps per provider and depth (default: {FULL.warmup})")
-    parser.add_argument("--providers", nargs="+", choices=PROVIDERS, metavar="P",
+    parser.add_argument("--providers", nargs="+", choices=ALL_PROVIDERS, metavar="P",
                         help=f"providers to compare; plain autograd is always added (default: all: "
-                             f"{' '.join(PROVIDERS)})")
+                             f"{' '.join(PROVIDERS)}; the transformers add {' '.join(ALL_PROVIDERS[len(PROVIDERS):])})")
     parser.add_argument("--budget-mib", type=_positive_float, metavar="MIB",
                         help="also find, per provider, the largest batch whose step (input + peak) fits this many "
                              "MiB (doubling, then bisection to within 3%%); on CPU bytes are counted, not limited")
@@ -236,18 +313,18 @@ def _bench_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
     from pathlib import Path
 
-    from .benchrun import FULL, QUICK, format_table, run_bench, write_outputs
+    from .benchrun import PRESETS, format_table, run_bench, write_outputs
 
     given = {
         name: getattr(args, name)
-        for name in ("batch", "channels", "size", "steps", "warmup")
+        for name in ("batch", "channels", "size", "steps", "warmup", "dim", "heads", "tokens", "patch")
         if getattr(args, name) is not None
     }
     if args.depths:
         given["depths"] = tuple(args.depths)
     if args.providers:
         given["providers"] = tuple(args.providers)
-    settings = replace(QUICK if args.quick else FULL, **given, device=args.device, threads=args.threads,
+    settings = replace(PRESETS[args.workload][args.quick], **given, device=args.device, threads=args.threads,
                        check=args.check, budget_mib=args.budget_mib)
     try:
         result = run_bench(settings, progress=args.progress, command=shlex.join(args.command_line))
@@ -265,13 +342,18 @@ def _bench_run(args: argparse.Namespace) -> int:
 COMMANDS: tuple[Command, ...] = (
     Command(
         name="demo",
-        help="train a small reversible ResNet on scikit-learn's digits and compare its memory with plain autograd",
+        help="train a small reversible ResNet on scikit-learn's digits (or, with --task lm, a reversible language "
+             "model) and compare its memory with plain autograd",
         description=(
             "Train a small reversible ResNet (AdditiveCoupling blocks, converted with revgrad.reversible) on "
             "scikit-learn's digits data set (1797 8x8 images, bundled with scikit-learn: nothing is downloaded). "
             "Prints the test accuracy, the activation memory held between forward and backward for one "
             "training batch by the revgrad model and by the same model with plain autograd, and what the last "
-            "backward's reconstruction check found. Needs scikit-learn (pip install 'revgrad[demo]')."
+            "backward's reconstruction check found. Needs scikit-learn (pip install 'revgrad[demo]'). "
+            "With --task lm: train a reversible causal language model (revgrad.models.rev_lm) on the text of "
+            "Python's help topics (pydoc_data, part of the standard library), one token per byte, and print the "
+            "held-out loss before and after training, tokens per second, the same memory comparison and the "
+            "last backward's report."
         ),
         add_arguments=_demo_arguments,
         run=_demo_run,
@@ -286,7 +368,9 @@ COMMANDS: tuple[Command, ...] = (
             "bytes held between forward and backward, the step's peak bytes, the step time (median, providers "
             "interleaved) and ratios to plain autograd measured in the same run; writes bench.json and bench.png "
             "(memory and time vs depth; the plot needs matplotlib) to --out. A float64 check first verifies that "
-            "every provider computes plain autograd's gradients."
+            "every provider computes plain autograd's gradients. --workload transformer (the layers of a reversible "
+            "causal language model) or vit (a RevViT) trains a transformer instead, with reformer_pytorch's and "
+            "revtorch's reversible sequences as two more providers."
         ),
         add_arguments=_bench_arguments,
         run=_bench_run,

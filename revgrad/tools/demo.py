@@ -16,6 +16,13 @@ autograd.
 :func:`run_demo` trains it, measures test accuracy, and measures with :class:`revgrad.tools.memory.MemoryProbe`
 the bytes held between forward and backward for one training batch, for the revgrad model and for a
 copy of the same model (taken before conversion) that runs with plain autograd.
+
+``revgrad demo --task lm`` (:func:`run_lm_demo`) trains a small reversible causal language model
+(:func:`revgrad.models.rev_lm`: ``AdditiveCoupling(SelfAttention, MLP, dim=-1)`` layers) on the text of
+Python's own help topics (``pydoc_data.topics``, part of the standard library: nothing is downloaded),
+one token per byte. It measures the loss on held-out text before and after training, the training
+throughput, and the bytes held between forward and backward by the model and by the same model with
+plain autograd (``memory_saving=False``, same weights).
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import contextlib
 import copy
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -40,16 +47,21 @@ from .memory import MemoryProbe, cpu_counting_available
 
 __all__ = [
     "DEFAULTS",
+    "LM_DEFAULTS",
     "DemoData",
     "DemoResult",
     "DemoSettings",
     "Downsample",
+    "LMDemoResult",
+    "LMDemoSettings",
     "RevResNet",
     "build_model",
     "evaluate",
     "held_bytes",
     "load_digits_data",
+    "load_text_tokens",
     "run_demo",
+    "run_lm_demo",
 ]
 
 #: Seed of the train/test split: fixed, so every ``seed`` is scored on the same test images.
@@ -58,6 +70,8 @@ SPLIT_SEED = 0
 TEST_FRACTION = 0.2
 NUM_CLASSES = 10
 MIB = 1024 * 1024
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -233,33 +247,36 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def held_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int | None:
+def held_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = F.cross_entropy) -> int | None:
     """Bytes held between forward and backward of one training step (``None`` where not countable).
 
     Runs one warm-up step first (lazy caches, allocator), then measures the bytes that tensors created
-    by ``forward`` and the loss still hold when backward starts, and finishes the step's backward.
-    Gradients are cleared before and after; the parameters are not updated (BatchNorm running
-    statistics are, as in any training-mode forward).
+    by ``forward`` and the loss (``loss_fn(model(x), y)``) still hold when backward starts, and finishes
+    the step's backward. Gradients are cleared before and after; the parameters are not updated
+    (BatchNorm running statistics are, as in any training-mode forward).
     """
     if x.device.type == "cpu" and not cpu_counting_available():
         return None
     was_training = model.training
     model.train()
     try:
-        _training_step(model, x, y)  # warm-up: lazy caches (fingerprint signs), allocator pools
+        _training_step(model, x, y, loss_fn=loss_fn)  # warm-up: lazy caches (fingerprint signs), allocator pools
         probe = MemoryProbe(x.device)
-        _training_step(model, x, y, probe)
+        _training_step(model, x, y, probe, loss_fn)
         return probe.held["held"]
     finally:
         model.zero_grad(set_to_none=True)
         model.train(was_training)
 
 
-def _training_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, probe: MemoryProbe | None = None) -> None:
+def _training_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, probe: MemoryProbe | None = None,
+    loss_fn: LossFn = F.cross_entropy,
+) -> None:
     """Forward, loss and backward without an update; marks ``"held"`` on ``probe`` before backward."""
     model.zero_grad(set_to_none=True)
     with probe if probe is not None else contextlib.nullcontext():
-        loss = F.cross_entropy(model(x), y)
+        loss = loss_fn(model(x), y)
         if probe is not None:
             probe.mark("held")
         loss.backward()
@@ -454,4 +471,318 @@ def run_demo(
         train_seconds=train_seconds,
         elapsed_seconds=time.perf_counter() - start,
         epoch_losses=epoch_losses,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The language-model task: ``revgrad demo --task lm``
+
+#: Where the text comes from: the standard library's pydoc help topics (about 466 kB of English and code).
+LM_CORPUS = "pydoc_data.topics"
+#: Byte-level tokens: every byte is a token, so any text is covered and nothing needs a vocabulary.
+LM_VOCAB = 256
+#: Share of the corpus (its end) held out to measure the loss before and after training.
+LM_HELDOUT_FRACTION = 0.1
+#: The prompt of the sample printed after training.
+LM_PROMPT = "The "
+
+
+@dataclass(frozen=True)
+class LMDemoSettings:
+    """The language-model demo's settings; the defaults are those of ``revgrad demo --task lm``.
+
+    Attributes:
+        steps: training steps (one batch each).
+        dim: features of each of the two streams (the layers carry ``[B, T, 2 * dim]``).
+        depth: reversible layers (``AdditiveCoupling(SelfAttention, MLP, dim=-1)``).
+        heads: attention heads; ``dim`` must be divisible by them.
+        seq_len: tokens (bytes) per sequence, also the model's ``max_len``.
+        batch_size: sequences per step (also the batch whose held memory is measured).
+        lr: peak learning rate of AdamW (one-cycle schedule over ``steps``).
+        dropout: dropout of the embeddings, attention and MLP (replayed exactly in backward).
+        check: revgrad's check mode: ``"off"``, ``"detect"`` or ``"correct"``.
+        seed: seed of the weights, the batches and the sample.
+        threads: CPU threads for torch (``None``: torch's current setting); 1 by default, see
+            :class:`DemoSettings`.
+        device: where to train (``"cpu"`` or a CUDA device).
+        eval_batches: held-out batches (fixed windows, the same for every seed) the loss is averaged over.
+        sample_len: bytes sampled after training and printed (0: none; after the default 100 steps the
+            model has learnt spacing and common letter pairs, not words).
+    """
+
+    steps: int = 100
+    dim: int = 64
+    depth: int = 4
+    heads: int = 4
+    seq_len: int = 64
+    batch_size: int = 16
+    lr: float = 3e-3
+    dropout: float = 0.0
+    check: CheckMode = "correct"
+    seed: int = 0
+    threads: int | None = 1
+    device: str = "cpu"
+    eval_batches: int = 8
+    sample_len: int = 0
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings the demo cannot run with."""
+        positive = {"steps": self.steps, "dim": self.dim, "depth": self.depth, "heads": self.heads,
+                    "seq_len": self.seq_len, "batch_size": self.batch_size, "eval_batches": self.eval_batches}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"revgrad demo: {name} must be >= 1, got {value}")
+        if self.dim % self.heads:
+            raise ValueError(f"revgrad demo: dim must be divisible by heads, got {self.dim} and {self.heads}")
+        if self.seq_len > 4096:
+            raise ValueError(f"revgrad demo: seq_len must be at most 4096, got {self.seq_len}")
+        if not self.lr > 0:
+            raise ValueError(f"revgrad demo: lr must be positive, got {self.lr}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"revgrad demo: dropout must be in [0, 1), got {self.dropout}")
+        if self.check not in CHECK_MODES:
+            raise ValueError(f"revgrad demo: check must be one of {CHECK_MODES}, got {self.check!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"revgrad demo: threads must be >= 1, got {self.threads}")
+        if self.sample_len < 0:
+            raise ValueError(f"revgrad demo: sample_len must be >= 0, got {self.sample_len}")
+
+
+LM_DEFAULTS = LMDemoSettings()
+
+
+def load_text_tokens(device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The pydoc help topics as byte tokens (int64): ``(train, heldout)``, the held-out part being the end.
+
+    The topics are joined in sorted order of their names, so the split is the same on every machine
+    running the same Python version.
+    """
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics)).encode("utf-8")
+    tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.int64)
+    cut = int(len(tokens) * (1 - LM_HELDOUT_FRACTION))
+    return tokens[:cut].to(device), tokens[cut:].to(device)
+
+
+def _windows(tokens: torch.Tensor, starts: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs ``[B, T]`` and next-byte targets ``[B, T]`` of the windows starting at ``starts``."""
+    index = starts.to(tokens.device)[:, None] + torch.arange(seq_len + 1, device=tokens.device)
+    chunk = tokens[index]
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def _lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy of ``logits [B, T, V]`` against ``targets [B, T]`` (nats per byte)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+@torch.no_grad()
+def _heldout_loss(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Mean loss of ``model`` (in eval mode) over ``batches``; restores its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return sum(float(_lm_loss(model(x), y)) for x, y in batches) / len(batches)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _sample(model: nn.Module, prompt: str, length: int, max_len: int, generator: torch.Generator,
+            device: torch.device, temperature: float = 0.8) -> str:
+    """``length`` bytes sampled after ``prompt`` (temperature ``temperature``), as printable text."""
+    was_training = model.training
+    model.eval()
+    try:
+        tokens = torch.tensor(list(prompt.encode()), dtype=torch.int64, device=device)[None]
+        for _ in range(length):
+            logits = model(tokens[:, -max_len:])[0, -1].float() / temperature
+            nxt = torch.multinomial(logits.softmax(-1).cpu(), 1, generator=generator).to(device)
+            tokens = torch.cat([tokens, nxt[None]], dim=1)
+    finally:
+        model.train(was_training)
+    text = bytes(tokens[0].tolist()).decode("utf-8", errors="replace")
+    return "".join(c if c.isprintable() else " " for c in text)
+
+
+@dataclass
+class LMDemoResult:
+    """What :func:`run_lm_demo` measured.
+
+    Attributes:
+        settings: the settings it ran with.
+        loss_before, loss_after: mean next-byte cross-entropy (nats) on the held-out batches before and
+            after training (``ln 256 = 5.55`` is a uniform guess).
+        step_losses: the training loss of every step.
+        train_tokens, heldout_tokens: bytes of the corpus in each part.
+        tokens_per_second: tokens trained on per second of the training loop (forward, backward, update).
+        parameters: trainable parameters (the head is tied to the token embedding).
+        held_revgrad, held_plain: bytes held between forward and backward for one training batch, by
+            the model and by the same model with plain autograd (``None`` where CPU bytes cannot be
+            counted).
+        last_report: the :class:`revgrad.BackwardReport` of the last training step's backward.
+        corrections: corrected reconstructions over all of training.
+        sample: text sampled after :data:`LM_PROMPT` after training (empty when ``sample_len`` is 0).
+        train_seconds: time spent in the training loop; elapsed_seconds: the whole run.
+    """
+
+    settings: LMDemoSettings
+    loss_before: float
+    loss_after: float
+    step_losses: list[float]
+    train_tokens: int
+    heldout_tokens: int
+    tokens_per_second: float
+    parameters: int
+    held_revgrad: int | None
+    held_plain: int | None
+    last_report: BackwardReport | None
+    corrections: int
+    sample: str
+    train_seconds: float
+    elapsed_seconds: float
+
+    @property
+    def memory_ratio(self) -> float | None:
+        """How many times less the revgrad model holds than plain autograd (``None`` if not measured)."""
+        if self.held_revgrad is None or self.held_plain is None or self.held_revgrad <= 0:
+            return None
+        return self.held_plain / self.held_revgrad
+
+    def summary(self) -> str:
+        """The human-readable report that ``revgrad demo --task lm`` prints."""
+        s = self.settings
+        bits = 1 / math.log(2)
+        lines = [
+            f"held-out loss (next byte; a uniform guess is ln 256 = {math.log(LM_VOCAB):.2f}): "
+            f"{self.loss_before:.3f} before -> {self.loss_after:.3f} after {_count(s.steps, 'step')} "
+            f"({self.loss_before * bits:.2f} -> {self.loss_after * bits:.2f} bits per byte)",
+            f"throughput: {self.tokens_per_second:,.0f} tokens/s trained (forward, backward and update)",
+            f"activation memory held between forward and backward (one batch of {s.batch_size} x {s.seq_len} "
+            f"tokens):",
+        ]
+        if self.held_revgrad is None or self.held_plain is None:
+            lines.append("  not measured: counting CPU bytes needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
+        else:
+            ratio = self.memory_ratio
+            lines += [
+                f"  revgrad:        {self.held_revgrad / MIB:8.3f} MiB",
+                f"  plain autograd: {self.held_plain / MIB:8.3f} MiB (the same model, memory_saving=False)",
+                f"  ratio:          {ratio:8.2f}x less with revgrad" if ratio else "  ratio:          n/a",
+            ]
+        lines.append(f"last backward: {_describe_report(self.last_report)}")
+        if s.check == "correct":
+            lines.append(f"corrections over training: {self.corrections}")
+        if self.sample:
+            lines.append(f"sample: {self.sample!r}")
+        threads = torch.get_num_threads() if s.threads is None else s.threads
+        lines.append(
+            f"time: {self.elapsed_seconds:.1f} s ({self.train_seconds:.1f} s training, "
+            f"{_count(s.steps, 'step')}, {_count(threads, 'thread')})"
+        )
+        return "\n".join(lines)
+
+
+def run_lm_demo(
+    *,
+    steps: int = LM_DEFAULTS.steps,
+    dim: int = LM_DEFAULTS.dim,
+    depth: int = LM_DEFAULTS.depth,
+    heads: int = LM_DEFAULTS.heads,
+    seq_len: int = LM_DEFAULTS.seq_len,
+    batch_size: int = LM_DEFAULTS.batch_size,
+    lr: float = LM_DEFAULTS.lr,
+    dropout: float = LM_DEFAULTS.dropout,
+    check: CheckMode = LM_DEFAULTS.check,
+    seed: int = LM_DEFAULTS.seed,
+    threads: int | None = LM_DEFAULTS.threads,
+    device: str = LM_DEFAULTS.device,
+    eval_batches: int = LM_DEFAULTS.eval_batches,
+    sample_len: int = LM_DEFAULTS.sample_len,
+    progress: bool = True,
+) -> LMDemoResult:
+    """Train a reversible causal LM on Python's help topics, then measure loss, throughput and memory.
+
+    Deterministic for a given ``seed`` and thread count on CPU; the caller's RNG state and thread
+    setting are left as they were. ``progress`` shows a tqdm bar (on stderr). See
+    :class:`LMDemoSettings` for the arguments; raises ``ValueError`` for invalid ones, and
+    :class:`revgrad.ReconstructionError` when ``check="detect"`` finds a drifted reconstruction.
+    """
+    from ..models.transformer import rev_lm
+
+    settings = LMDemoSettings(steps, dim, depth, heads, seq_len, batch_size, lr, dropout, check, seed, threads,
+                              device, eval_batches, sample_len)
+    settings.validate()
+    start = time.perf_counter()
+    dev = torch.device(device)
+    with _torch_threads(threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        train, heldout = load_text_tokens(dev)
+        if len(heldout) <= seq_len + eval_batches * batch_size:
+            raise ValueError(f"revgrad demo: seq_len {seq_len} is too long for the held-out text "
+                             f"({len(heldout)} bytes)")
+        config = dict(vocab_size=LM_VOCAB, dim=dim, depth=depth, heads=heads, max_len=seq_len, dropout=dropout)
+        model = rev_lm(**config, memory_saving=True, check=check).to(dev)
+        layers = model.layers
+        assert isinstance(layers, ReversibleSequential)
+        # Held-out windows evenly spaced over the held-out text: the same for every seed.
+        eval_starts = torch.linspace(0, len(heldout) - seq_len - 1, eval_batches * batch_size).long()
+        eval_set = [_windows(heldout, s, seq_len) for s in eval_starts.split(batch_size)]
+        loss_before = _heldout_loss(model, eval_set)
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+        batch_rng = torch.Generator().manual_seed(seed)
+        step_losses: list[float] = []
+        corrections = 0
+        last_report: BackwardReport | None = None
+        from tqdm.auto import tqdm  # here, so that `revgrad --help` and other commands run without it
+
+        model.train()
+        train_start = time.perf_counter()
+        bar = tqdm(range(steps), desc="training", unit="step", disable=not progress, leave=True, dynamic_ncols=True)
+        for _ in bar:
+            starts = torch.randint(0, len(train) - seq_len - 1, (batch_size,), generator=batch_rng)
+            x, y = _windows(train, starts, seq_len)
+            loss = _lm_loss(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            last_report = layers.last_report
+            if last_report is not None:
+                corrections += len(last_report.corrected)
+            step_losses.append(loss.item())
+            bar.set_postfix(loss=f"{step_losses[-1]:.3f}")
+        bar.close()
+        train_seconds = time.perf_counter() - train_start
+
+        loss_after = _heldout_loss(model, eval_set)
+        plain = rev_lm(**config, memory_saving=False).to(dev)  # the same weights, plain autograd
+        plain.load_state_dict(model.state_dict())
+        batch_x, batch_y = eval_set[0]
+        held_revgrad = held_bytes(model, batch_x, batch_y, _lm_loss)
+        held_plain = held_bytes(plain, batch_x, batch_y, _lm_loss)
+        sample = ""
+        if sample_len:
+            sample = _sample(model, LM_PROMPT, sample_len, seq_len, torch.Generator().manual_seed(seed), dev)
+
+    return LMDemoResult(
+        settings=settings,
+        loss_before=loss_before,
+        loss_after=loss_after,
+        step_losses=step_losses,
+        train_tokens=len(train),
+        heldout_tokens=len(heldout),
+        tokens_per_second=steps * batch_size * seq_len / train_seconds,
+        parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        held_revgrad=held_revgrad,
+        held_plain=held_plain,
+        last_report=last_report,
+        corrections=corrections,
+        sample=sample,
+        train_seconds=train_seconds,
+        elapsed_seconds=time.perf_counter() - start,
     )
