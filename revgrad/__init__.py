@@ -14,7 +14,7 @@ from .analysis import diagnostics, regularizers
 from .analysis.diagnostics import BlockStability, StabilityReport, lipschitz_bound, ood_probes, stability_report
 from .analysis.regularizers import PenaltySchedule, finite_difference_penalty
 from .blocks.couplings import AdditiveCoupling, AffineCoupling
-from .blocks.interop import FrEIABlock, freia_blocks
+from .blocks.interop import FrEIABlock, NormflowsBlock, freia_blocks, normflows_blocks
 from .blocks.layers import ActNorm, InvertibleConv1x1, Reverse, Shuffle, Squeeze
 from .engine.anchors import AdaptiveAnchors
 from .engine.backprop import EngineConfig, run_chain
@@ -40,6 +40,7 @@ __all__ = [
     "FusedBlock",
     "InvertibleConv1x1",
     "MemoryProbe",
+    "NormflowsBlock",
     "PenaltySchedule",
     "PlainSequential",
     "RandomReplayError",
@@ -60,6 +61,7 @@ __all__ = [
     "last_reports",
     "lipschitz_bound",
     "models",
+    "normflows_blocks",
     "ood_probes",
     "regularizers",
     "reversible",

@@ -1,5 +1,5 @@
-"""``revgrad demo``: the importable runs (digits and ``--task lm``, tiny settings), the CLI in process and as a
-subprocess."""
+"""``revgrad demo``: the importable runs (digits, ``--task lm`` and ``--task flow``, tiny settings), the CLI in
+process and as a subprocess."""
 
 from __future__ import annotations
 
@@ -15,13 +15,17 @@ import torch
 from revgrad import BackwardReport, ReversibleSequential, __version__, reversible
 from revgrad.tools.cli import main
 from revgrad.tools.demo import (
+    FLOW_BINS,
     LM_VOCAB,
     DemoResult,
+    FlowDemoResult,
     LMDemoResult,
     build_model,
     load_digits_data,
+    load_digits_levels,
     load_text_tokens,
     run_demo,
+    run_flow_demo,
     run_lm_demo,
 )
 from revgrad.tools.memory import cpu_counting_available
@@ -30,6 +34,7 @@ pytest.importorskip("sklearn")  # the demo's data set
 
 TINY = dict(epochs=1, depth=2, channels=16, stages=2, batch_size=64, seed=0, threads=1, progress=False)
 CHANCE = 0.1  # 10 balanced classes
+TINY_FLOW = dict(steps=40, levels=2, depth=1, hidden=16, batch_size=32, lr=5e-3, seed=0, threads=1, progress=False)
 TINY_LM = dict(steps=30, dim=32, depth=2, heads=2, seq_len=32, batch_size=8, eval_batches=2, seed=0, threads=1,
                progress=False)
 
@@ -181,7 +186,7 @@ def test_demo_help_subprocess():
     proc = _run(*args, "demo", "--help")
     assert proc.returncode == 0, proc.stderr
     for option in ("--epochs", "--depth", "--channels", "--batch-size", "--lr", "--check", "--seed", "--threads",
-                   "--task", "--steps", "--dim", "--seq-len"):
+                   "--task", "--steps", "--dim", "--seq-len", "--levels", "--hidden", "--unconditional", "--out"):
         assert option in proc.stdout
     assert "off,detect,correct" in proc.stdout
 
@@ -190,3 +195,57 @@ def test_python_m_revgrad_subprocess():
     proc = _run(sys.executable, "-m", "revgrad", "--version")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == f"revgrad {__version__}"
+
+
+def test_digit_levels_are_the_17_integer_values_on_the_same_split():
+    data = load_digits_levels()
+    assert data.x_train.dtype == torch.int64 and data.x_train.shape[1:] == (1, 8, 8)
+    assert int(data.x_train.min()) == 0 and int(data.x_train.max()) == FLOW_BINS - 1
+    assert len(data.x_test) == 360 and torch.equal(data.y_test, load_digits_data().y_test)
+
+
+@pytest.mark.parametrize("conditional", [True, False])
+def test_tiny_flow_run_learns_holds_less_memory_and_writes_samples(tmp_path, conditional):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "samples.png"
+    result: FlowDemoResult = run_flow_demo(**TINY_FLOW, conditional=conditional, out=str(out))
+    text = result.summary()
+    assert len(result.step_bpd) == TINY_FLOW["steps"]
+    assert math.isfinite(result.bpd_before) and result.bpd_after < result.bpd_before - 0.3, text
+    assert result.images_per_second > 0 and result.blocks == 2 * (1 + 3 * TINY_FLOW["depth"])
+    assert set(result.last_reports) == {"levels.0", "levels.1"}
+    for report in result.last_reports.values():
+        assert report.check == "correct" and report.max_error <= report.tol
+    if cpu_counting_available():
+        assert result.held_revgrad is not None and result.held_plain is not None
+        assert 0 < result.held_revgrad < result.held_plain, text
+    assert result.png == str(out) and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.stat().st_size > 5000
+    for needle in ("test bits/dim", "images/s", "revgrad:", "plain autograd:", "corrections made", str(out)):
+        assert needle in text
+
+
+def test_tiny_flow_without_png_and_invalid_settings(tmp_path):
+    result = run_flow_demo(**{**TINY_FLOW, "steps": 2, "levels": 1}, out=None)
+    assert result.png is None and "samples:" not in result.summary()
+    with pytest.raises(ValueError, match="levels must be at most 3"):
+        run_flow_demo(**{**TINY_FLOW, "levels": 4}, out=None)
+    with pytest.raises(ValueError, match="temperatures"):
+        run_flow_demo(**TINY_FLOW, temperatures=(), out=None)
+
+
+def test_cli_demo_flow_in_process(capsys, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)  # the default --out is flow_samples.png in the current directory
+    code = main(["demo", "--task", "flow", "--steps", "3", "--depth", "1", "--hidden", "8", "--batch-size", "16",
+                 "--unconditional", "--no-progress"])
+    out = capsys.readouterr().out
+    assert code == 0
+    for needle in ("--task flow", "unconditional", "test bits/dim", "images/s", "plain autograd:", "last backward",
+                   "flow_samples.png"):
+        assert needle in out
+    assert (tmp_path / "flow_samples.png").is_file()
+    assert main(["demo", "--task", "flow", "--epochs", "2"]) == 2
+    assert "--epochs is an option of --task digits" in capsys.readouterr().err
+    assert main(["demo", "--unconditional"]) == 2
+    assert "--unconditional is an option of --task flow" in capsys.readouterr().err

@@ -9,12 +9,18 @@
   ``ActNorm``, ...) are called as ``module([x], rev=False, jac=True) -> ((y,), log_jac_det)``;
   :class:`FrEIABlock` turns one into a block whose forward returns ``(y, logdet[B])``.
   :func:`freia_blocks` does that for every module of a ``FrEIA.framework.SequenceINN``.
+* **normflows** flows (``normflows.flows.Flow``) return ``(z', log_det)`` from both ``forward`` (the
+  *generative* direction, base -> data) and ``inverse`` (the *normalizing* one, data -> base, the one
+  ``log_prob`` runs). They are blocks as they are, in the generative direction; :class:`NormflowsBlock`
+  picks the direction (``"normalizing"`` by default, for likelihood training) and
+  :func:`normflows_blocks` turns a ``normflows.NormalizingFlow``'s flows into a chain in that order.
 
-Neither library is imported here: this module works (and imports) without them.
+No library is imported here: this module works (and imports) without them.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 
 import torch
@@ -22,7 +28,7 @@ from torch import nn
 
 from ..engine.errors import BlockError
 
-__all__ = ["FrEIABlock", "freia_blocks"]
+__all__ = ["FrEIABlock", "NormflowsBlock", "freia_blocks", "normflows_blocks"]
 
 
 def _unpack(out: object, module: nn.Module, direction: str) -> tuple[torch.Tensor, object]:
@@ -44,7 +50,7 @@ def _unpack(out: object, module: nn.Module, direction: str) -> tuple[torch.Tenso
     return outs[0], jac
 
 
-def _as_logdet(jac: object, like: torch.Tensor) -> torch.Tensor:
+def _as_logdet(jac: object, like: torch.Tensor, who: str = "FrEIABlock") -> torch.Tensor:
     """FrEIA's Jacobian (a float, a 0-dim tensor, ``[B]`` or ``[B, 1]``) as a ``[B]`` tensor."""
     batch = like.shape[0]
     if jac is None:
@@ -56,7 +62,7 @@ def _as_logdet(jac: object, like: torch.Tensor) -> torch.Tensor:
     if jac.numel() == batch:
         return jac.reshape(batch)
     raise ValueError(
-        f"revgrad.FrEIABlock: a log_jac_det of shape {tuple(jac.shape)} does not fit batch {batch}"
+        f"revgrad.{who}: a log-determinant of shape {tuple(jac.shape)} does not fit batch {batch}"
     )
 
 
@@ -143,3 +149,103 @@ def freia_blocks(inn: nn.Module | Iterable[nn.Module]) -> list[FrEIABlock]:
     modules = list(getattr(inn, "module_list", inn))
     conditions = getattr(inn, "conditions", None) or [None] * len(modules)
     return [FrEIABlock(m, condition=k) for m, k in zip(modules, conditions)]
+
+
+_DIRECTIONS = ("normalizing", "generative")
+
+
+def _takes_extra(method) -> bool:
+    """Whether a flow's ``forward``/``inverse`` takes more than ``z`` (a ``context``, ``*args``)."""
+    try:
+        params = list(inspect.signature(method).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    return len(params) > 1 or any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+class NormflowsBlock(nn.Module):
+    """A normflows flow (``normflows.flows.Flow``) as a revgrad block, in the direction you train.
+
+    A normflows flow's ``forward(z) -> (z', log_det)`` is its *generative* direction (base to data,
+    what ``NormalizingFlow.sample`` runs) and ``inverse(x) -> (x', log_det)`` the *normalizing* one
+    (data to base, what ``log_prob`` and ``forward_kld`` run); each returns the log-determinant of
+    the map it computes.
+
+    Args:
+        flow: the flow module (it stays a child named ``flow``: parameters are ``flow.*``).
+        direction: ``"normalizing"`` (default): ``forward(x) = flow.inverse(x)``, ``inverse(z) =
+            flow(z)``, for maximum likelihood; ``"generative"``: ``forward(z) = flow(z)``, ``inverse(x)
+            = flow.inverse(x)``, for sampling or reverse-KL training.
+
+    Shapes: ``forward(h: [B, ...], *args, **kwargs) -> (h', logdet: [B])``; ``inverse(h', ...) -> (h,
+    logdet: [B])``, the other direction's log-determinant (a chain's ``inverse`` uses it with
+    ``with_logdet=True`` and drops it otherwise). A scalar log-determinant (a permutation's ``0``) is
+    broadcast to ``[B]``. The chain's extra arguments (``chain(x, context=c)`` for a
+    ``ConditionalNormalizingFlow``'s flows) are passed on to a flow method that takes more than ``z``
+    and left out for one that takes ``z`` only, so unconditional flows can sit between conditional ones.
+
+    A flow without an inverse (``Planar``, ``Radial``) cannot be a block: ``NotImplementedError``
+    comes from the flow the first time the engine needs its inverse. Data-dependent initialisation
+    (normflows' ``ActNorm``) happens in the block's first forward, on the first batch of the direction
+    trained, as in normflows.
+    """
+
+    def __init__(self, flow: nn.Module, direction: str = "normalizing") -> None:
+        super().__init__()
+        if not isinstance(flow, nn.Module) or not callable(getattr(flow, "inverse", None)):
+            raise TypeError(
+                f"revgrad.NormflowsBlock expects a normflows flow (forward and inverse), got {type(flow).__name__}"
+            )
+        if direction not in _DIRECTIONS:
+            raise ValueError(f"revgrad.NormflowsBlock: direction must be one of {_DIRECTIONS}, got {direction!r}")
+        self.flow = flow
+        self.direction = direction
+        self._extra = {"forward": _takes_extra(flow.forward), "inverse": _takes_extra(flow.inverse)}
+
+    @property
+    def wrapped_module(self) -> nn.Module:
+        """The normflows flow (errors and reports name it: ``block 3 (NormflowsBlock: AffineCouplingBlock)``)."""
+        return self.flow
+
+    def extra_repr(self) -> str:
+        return f"direction={self.direction!r}"
+
+    def _run(self, which: str, h: torch.Tensor, args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        fn = self.flow if which == "forward" else self.flow.inverse  # forward through __call__: hooks fire
+        out = fn(h, *args, **kwargs) if self._extra[which] else fn(h)
+        if not (isinstance(out, (tuple, list)) and len(out) == 2 and isinstance(out[0], torch.Tensor)):
+            raise TypeError(
+                f"revgrad.NormflowsBlock: {type(self.flow).__name__}.{which} returned {type(out).__name__}; "
+                "expected normflows' (z, log_det)"
+            )
+        return out[0], _as_logdet(out[1], out[0], "NormflowsBlock")
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run("inverse" if self.direction == "normalizing" else "forward", x, args, kwargs)
+
+    def inverse(self, y: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run("forward" if self.direction == "normalizing" else "inverse", y, args, kwargs)
+
+
+def normflows_blocks(model: nn.Module | Iterable[nn.Module], direction: str = "normalizing") -> list[NormflowsBlock]:
+    """The flows of a ``normflows.NormalizingFlow`` (or ``ConditionalNormalizingFlow``, or an iterable of
+    flows in normflows' order, base to data) as :class:`NormflowsBlock` s, in the order ``direction`` runs
+    them: ``"normalizing"`` (default) last flow first, as ``log_prob`` does; ``"generative"`` first
+    flow first, as ``sample`` does.
+
+    With ``chain = revgrad.reversible(normflows_blocks(model))`` (same parameter objects):
+    ``z, logdet = chain(x)`` and ``model.q0.log_prob(z) + logdet`` is ``model.log_prob(x)``
+    (``chain(x, context=c)`` for a conditional model); sampling is ``z, log_q = model.q0(n)``,
+    ``x, ld = chain.inverse(z, with_logdet=True)``, ``log_q - ld``. A ``MultiscaleFlow`` (flows per
+    level, split and merged between levels) is not one chain and is refused.
+    """
+    if direction not in _DIRECTIONS:
+        raise ValueError(f"revgrad.normflows_blocks: direction must be one of {_DIRECTIONS}, got {direction!r}")
+    flows = list(getattr(model, "flows", model))
+    if hasattr(model, "merges") or any(isinstance(f, (nn.ModuleList, list, tuple)) for f in flows):
+        raise TypeError(
+            f"revgrad.normflows_blocks: {type(model).__name__} has flows per level (a MultiscaleFlow), which "
+            "split and merge between levels; make a chain per level: normflows_blocks(model.flows[i])"
+        )
+    blocks = [NormflowsBlock(f, direction) for f in flows]
+    return blocks[::-1] if direction == "normalizing" else blocks

@@ -250,9 +250,12 @@ class _Inverse:
         return False
 
     @staticmethod
-    def run(block: nn.Module, label: int, h: torch.Tensor, call: CallArgs):
+    def _call(block: nn.Module, label: int, h: torch.Tensor, call: CallArgs):
+        """``block.inverse(h)`` as ``(x, the logdet it returned as (x, logdet), or None)``."""
         out = _evaluate(block, sharding.through_fsdp(block, block.inverse), h, call)
+        ld = None
         if isinstance(out, (tuple, list)) and out and isinstance(out[0], torch.Tensor):
+            ld = out[1] if len(out) == 2 else None
             out = out[0]
         if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != h.shape[0]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
@@ -260,7 +263,11 @@ class _Inverse:
                 f"revgrad: {block_name(label, block)}.inverse maps {tuple(h.shape)} to {shape}; "
                 "expected a tensor with the same batch dimension"
             )
-        return out, None
+        return out, ld
+
+    @classmethod
+    def run(cls, block: nn.Module, label: int, h: torch.Tensor, call: CallArgs):
+        return cls._call(block, label, h, call)[0], None
 
     @classmethod
     def record(cls, block: nn.Module, label: int, h: torch.Tensor, call: CallArgs, tape: RngTape | None, fused: bool):
@@ -279,6 +286,25 @@ class _Inverse:
                 f"inverse was given {tuple(rec.shape)}; forward(inverse(y)) must have y's shape"
             )
         return x if x.dtype == rec.dtype else x.to(rec.dtype)
+
+
+class _InverseWithLogdet(_Inverse):
+    """The inverse direction keeping log-determinants (``chain.inverse(y, with_logdet=True)``).
+
+    A block's inverse logdet is the one its ``inverse`` returns as ``(x, logdet)``; for a block whose
+    inverse returns ``x`` only (revgrad's couplings and layers, FrEIABlock), minus its forward's logdet
+    at the rebuilt input, ``log|det dx/dy| = -log|det dy/dx|(x)``: one more forward evaluation of the
+    block (no logdet from forward: volume-preserving, none). The engine differentiates ``(x, logdet)``
+    as it does a forward block's ``(y, logdet)``."""
+
+    @classmethod
+    def run(cls, block: nn.Module, label: int, h: torch.Tensor, call: CallArgs):
+        x, ld = cls._call(block, label, h, call)
+        if ld is not None:
+            return split_output((x, ld), label, block, x)
+        with requesting(None):  # a fused forward must not answer the engine's fingerprint request
+            _, ld = split_output(_evaluate(block, block, x, call), label, block, x)
+        return x, (None if ld is None else -ld)
 
 
 _DIRECTIONS = {"forward": _Forward, "inverse": _Inverse}
@@ -1069,6 +1095,7 @@ def run_chain(
     kept_above: list[int] | None = None,
     sensitivity: Sensitivity | None = None,
     call: CallArgs = NO_ARGS,
+    with_logdet: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Run ``blocks`` on ``x`` (shape ``[B, ...]``) with memory-saving backprop.
 
@@ -1081,6 +1108,8 @@ def run_chain(
     ``sensitivity``: the run's gradient-aware tolerances, kept across calls (None: checks against
     ``tol`` only). ``call``: extra arguments given to every block's ``forward`` and ``inverse``
     (:mod:`revgrad.engine.arguments`); those of its tensors that require grad receive gradients.
+    ``with_logdet`` (``direction="inverse"`` only): keep the blocks' inverse log-determinants
+    (:class:`_InverseWithLogdet`), returned as in forward; a forward chain keeps them anyway.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"revgrad: {name} expects a tensor input, got {type(x).__name__}")
@@ -1088,7 +1117,7 @@ def run_chain(
         raise TypeError(f"revgrad: {name} expects a floating-point input, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError(f"revgrad: {name} expects an input with a batch dimension, got a 0-dim tensor")
-    steps = _DIRECTIONS[direction]
+    steps = _InverseWithLogdet if with_logdet and direction == "inverse" else _DIRECTIONS[direction]
     if not blocks:
         return x
     labels = list(range(len(blocks))) if labels is None else labels

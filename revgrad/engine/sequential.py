@@ -10,7 +10,7 @@ from torch import nn
 
 from .anchors import AdaptiveAnchors
 from .arguments import NO_ARGS, CallArgs
-from .backprop import CheckMode, EngineConfig, _is_int, run_chain, run_plain
+from .backprop import CheckMode, EngineConfig, _InverseWithLogdet, _is_int, _plain, run_chain, run_plain
 from .graph_budget import GraphBudget
 from .protocol import BlockError, is_block, require_blocks, split_output
 from .report import BackwardReport
@@ -207,16 +207,28 @@ class ReversibleSequential(nn.Sequential):
                 take(run_plain(modules[cut:], labels[cut:], h, call))
         return h if logdet is None else (h, logdet)
 
-    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def inverse(
+        self, y: torch.Tensor, *args, with_logdet: bool = False, **kwargs
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Run the chain backwards, ``x = f_0^-1(... f_{N-1}^-1(y))``, with the same memory saving.
 
-        Extra arguments are given to every block's ``inverse``, as in :meth:`forward`."""
+        Extra arguments are given to every block's ``inverse``, as in :meth:`forward`.
+
+        ``with_logdet=True`` returns ``(x, logdet: [B])``, ``logdet = log|det dx/dy|``, the sum of the
+        blocks' inverse log-determinants (zeros when every block is volume-preserving), differentiated
+        like forward's: a block whose ``inverse`` returns ``(x, logdet)`` gives that one; a block whose
+        inverse returns ``x`` only (revgrad's couplings and layers, :class:`revgrad.FrEIABlock`) gives
+        minus its forward's logdet at the rebuilt ``x``, at the cost of one more forward evaluation of
+        it (in the pass and in each recomputation in backward). ``with_logdet`` is this method's
+        keyword, not passed to the blocks."""
         require_blocks(self, f"revgrad: {type(self).__name__}.inverse", "child", BlockError)
         n = len(self)
-        return run_chain(
+        out = run_chain(
             list(self)[::-1], y, self.config, direction="inverse", name=f"{type(self).__name__}.inverse",
             labels=list(range(n - 1, -1, -1)), call=CallArgs(args, kwargs) if args or kwargs else NO_ARGS,
+            with_logdet=with_logdet,
         )
+        return _with_logdet(out) if with_logdet else out
 
     # -- reports ----------------------------------------------------------------------------------
 
@@ -289,8 +301,15 @@ class PlainSequential(nn.Sequential):
                 logdet = ld if logdet is None else logdet + ld
         return h if logdet is None else (h, logdet)
 
-    def inverse(self, y: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def inverse(
+        self, y: torch.Tensor, *args, with_logdet: bool = False, **kwargs
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """As :meth:`ReversibleSequential.inverse` (``with_logdet=True``: ``(x, logdet)``), plain autograd."""
         require_blocks(self, f"revgrad: {type(self).__name__}.inverse", "child", BlockError)
+        if with_logdet:
+            n = len(self)
+            call = CallArgs(args, kwargs) if args or kwargs else NO_ARGS
+            return _with_logdet(_plain(list(self)[::-1], list(range(n - 1, -1, -1)), _InverseWithLogdet, y, call))
         for i in reversed(range(len(self))):
             y = _first(self[i].inverse(y, *args, **kwargs))
         return y
@@ -298,6 +317,13 @@ class PlainSequential(nn.Sequential):
 
 def _first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_logdet(out) -> tuple[torch.Tensor, torch.Tensor]:
+    """A chain's ``x`` or ``(x, logdet)`` as ``(x, logdet)``: zeros ``[B]`` when no block has a logdet."""
+    if isinstance(out, tuple):
+        return out
+    return out, out.new_zeros(out.shape[0])
 
 
 def _convert_in_place(module: nn.Module, options: dict) -> int:
@@ -345,6 +371,11 @@ def reversible(
     Each chain's last backward report is ``chain.last_report``; :func:`last_reports` collects those
     of every chain inside a model.
 
+    A whole normflows model (``normflows.NormalizingFlow`` and its relatives) is refused with a
+    ``TypeError``: its methods call its flows one by one, so it cannot be converted in place, and as one
+    block it would save nothing. ``reversible(normflows_blocks(model))`` is the chain of its flows
+    (:func:`revgrad.normflows_blocks`).
+
     Raises ``TypeError`` when a list holds a non-block, or when no block is found. Keyword options are
     those of :class:`ReversibleSequential`.
     """
@@ -362,14 +393,39 @@ def reversible(
         return ReversibleSequential(*items, **options)
     if not isinstance(module, nn.Module):
         raise TypeError(f"revgrad.reversible expects an nn.Module or a list of blocks, got {type(module).__name__}")
+    if _is_normflows_model(module):
+        raise TypeError(_normflows_message(module, ""))
     if is_block(module):
         return ReversibleSequential(module, **options)
     if _convert_in_place(module, options) == 0:
+        nested = next(((n, m) for n, m in module.named_modules() if _is_normflows_model(m)), None)
         raise TypeError(
             f"revgrad.reversible: found no block in {type(module).__name__}; a block is an nn.Module with "
             "forward(x) and inverse(y) (inside an nn.Sequential when it is part of a larger model)"
+            + ("" if nested is None else "; " + _normflows_message(nested[1], nested[0]))
         )
     return module
+
+
+def _is_normflows_model(module: nn.Module) -> bool:
+    """A normflows model (``NormalizingFlow``, ``ConditionalNormalizingFlow``, ``ClassCondFlow``,
+    ``MultiscaleFlow``): its ``log_prob``, ``sample`` and ``forward_kld`` loop over its ``flows``
+    themselves, calling each flow directly, so no container inside it can be made a chain."""
+    return type(module).__module__.split(".")[0] == "normflows" and isinstance(
+        getattr(module, "flows", None), nn.ModuleList
+    )
+
+
+def _normflows_message(module: nn.Module, name: str) -> str:
+    where = f" ({name!r})" if name else ""
+    return (
+        f"revgrad.reversible: {type(module).__name__}{where} is a whole normflows model, not a chain: its "
+        "log_prob, sample and forward_kld call its flows one by one, which revgrad cannot reroute in place "
+        "(as one block it would save no memory). Build a chain of its flows instead (same parameters): "
+        "chain = revgrad.reversible(revgrad.normflows_blocks(model)); z, logdet = chain(x) runs the "
+        "normalizing direction, log_prob = model.q0.log_prob(z) + logdet; "
+        "x, ld = chain.inverse(z, with_logdet=True) samples, log_q = log_q0 - ld"
+    )
 
 
 def last_reports(model: nn.Module) -> dict[str, BackwardReport]:

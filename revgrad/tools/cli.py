@@ -59,24 +59,29 @@ def _error(message: str, prefix: str = "revgrad: error: ") -> None:
 # --------------------------------------------------------------------------------------------------
 # revgrad demo
 
-#: Options of ``revgrad demo`` that belong to one task (argparse ``dest`` -> task); the others are shared.
+#: Options of ``revgrad demo`` that belong to some tasks only (argparse ``dest`` -> tasks); the others are shared.
 _DEMO_TASK_OPTIONS = {
-    "epochs": "digits", "channels": "digits", "stages": "digits",
-    "steps": "lm", "dim": "lm", "heads": "lm", "seq_len": "lm", "dropout": "lm", "sample_len": "lm",
+    "epochs": ("digits",), "channels": ("digits",), "stages": ("digits",),
+    "steps": ("lm", "flow"), "dim": ("lm",), "heads": ("lm",), "seq_len": ("lm",), "dropout": ("lm",),
+    "sample_len": ("lm",), "levels": ("flow",), "hidden": ("flow",), "conditional": ("flow",), "out": ("flow",),
 }
+#: How the options in :data:`_DEMO_TASK_OPTIONS` are spelled on the command line, where not ``--dest``.
+_DEMO_OPTION_NAMES = {"conditional": "--unconditional"}
 
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from .demo import DEFAULTS, LM_DEFAULTS  # light: torch is already imported by the package
+    from .demo import DEFAULTS, FLOW_DEFAULTS, LM_DEFAULTS  # light: torch is already imported by the package
 
-    parser.add_argument("--task", choices=("digits", "lm"), default="digits",
+    parser.add_argument("--task", choices=("digits", "lm", "flow"), default="digits",
                         help="'digits': a reversible ResNet on scikit-learn's digits; 'lm': a reversible causal "
-                             "language model on Python's own help text (pydoc_data, byte tokens) "
+                             "language model on Python's own help text (pydoc_data, byte tokens); 'flow': a "
+                             "Glow density model of the digits, with samples written to a PNG "
                              "(default: %(default)s)")
     model = parser.add_argument_group("model")
     model.add_argument("--depth", type=_positive_int, default=None, metavar="N",
                        help=f"digits: AdditiveCoupling blocks per reversible stage (default: {DEFAULTS.depth}); "
-                            f"lm: reversible transformer layers (default: {LM_DEFAULTS.depth})")
+                            f"lm: reversible transformer layers (default: {LM_DEFAULTS.depth}); "
+                            f"flow: flow steps per level (default: {FLOW_DEFAULTS.depth})")
     model.add_argument("--channels", type=_positive_int, default=None, metavar="C",
                        help=f"digits: channels of the first stage, even; each later stage doubles them "
                             f"(default: {DEFAULTS.channels})")
@@ -91,6 +96,14 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"lm: bytes per training sequence (default: {LM_DEFAULTS.seq_len})")
     model.add_argument("--dropout", type=float, default=None, metavar="P",
                        help=f"lm: dropout, replayed exactly in backward (default: {LM_DEFAULTS.dropout:g})")
+    model.add_argument("--levels", type=int, choices=(1, 2, 3), default=None,
+                       help=f"flow: Glow levels, a squeeze each and a split after each but the last "
+                            f"(default: {FLOW_DEFAULTS.levels})")
+    model.add_argument("--hidden", type=_positive_int, default=None, metavar="H",
+                       help=f"flow: width of the coupling networks (default: {FLOW_DEFAULTS.hidden})")
+    model.add_argument("--unconditional", dest="conditional", action="store_const", const=False, default=None,
+                       help="flow: model all digits without their labels (default: class-conditional, "
+                            "one-hot labels into every coupling and prior)")
     model.add_argument("--check", choices=("off", "detect", "correct"), default=DEFAULTS.check,
                        help="revgrad's reconstruction check: 'off' (classic reversible backprop), 'detect' "
                             "(raise on a drifted rebuilt activation) or 'correct' (recompute it exactly from "
@@ -100,13 +113,16 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     training.add_argument("--epochs", type=_positive_int, default=None, metavar="N",
                           help=f"digits: passes over the training set (default: {DEFAULTS.epochs})")
     training.add_argument("--steps", type=_positive_int, default=None, metavar="N",
-                          help=f"lm: training steps (default: {LM_DEFAULTS.steps})")
+                          help=f"lm, flow: training steps (default: {LM_DEFAULTS.steps} for lm, "
+                               f"{FLOW_DEFAULTS.steps} for flow)")
     training.add_argument("--batch-size", type=_positive_int, default=None, metavar="B",
                           help=f"training batch size, also the batch whose held memory is measured "
-                               f"(default: {DEFAULTS.batch_size} for digits, {LM_DEFAULTS.batch_size} for lm)")
+                               f"(default: {DEFAULTS.batch_size} for digits, {LM_DEFAULTS.batch_size} for lm, "
+                               f"{FLOW_DEFAULTS.batch_size} for flow)")
     training.add_argument("--lr", type=_positive_float, default=None,
-                          help=f"peak learning rate of AdamW, one-cycle schedule "
-                               f"(default: {DEFAULTS.lr:g} for digits, {LM_DEFAULTS.lr:g} for lm)")
+                          help=f"peak learning rate of AdamW (Adam for flow), one-cycle schedule "
+                               f"(default: {DEFAULTS.lr:g} for digits, {LM_DEFAULTS.lr:g} for lm, "
+                               f"{FLOW_DEFAULTS.lr:g} for flow)")
     training.add_argument("--seed", type=int, default=DEFAULTS.seed,
                           help="seed of the initial weights and the batch order; runs with the same seed and "
                                "thread count give the same result (default: %(default)s)")
@@ -121,6 +137,9 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     runtime.add_argument("--sample-len", type=int, default=None, metavar="N",
                          help=f"lm: bytes to sample from the trained model and print (default: "
                               f"{LM_DEFAULTS.sample_len})")
+    runtime.add_argument("--out", default=None, metavar="PNG",
+                         help=f"flow: where to write the PNG of samples (needs matplotlib) "
+                              f"(default: {FLOW_DEFAULTS.out} in the current directory)")
     runtime.add_argument("--no-progress", dest="progress", action="store_false",
                          help="do not show the progress bars")
 
@@ -151,14 +170,27 @@ def _demo_run(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     from ..engine.protocol import ReconstructionError
-    from .demo import DEFAULTS, LM_DEFAULTS, DemoSettings, LMDemoSettings, run_demo, run_lm_demo
+    from .demo import (
+        DEFAULTS,
+        FLOW_DEFAULTS,
+        LM_DEFAULTS,
+        DemoSettings,
+        FlowDemoSettings,
+        LMDemoSettings,
+        run_demo,
+        run_flow_demo,
+        run_lm_demo,
+    )
 
-    for dest, task in _DEMO_TASK_OPTIONS.items():
-        if task != args.task and getattr(args, dest, None) is not None:
-            _error(f"revgrad demo: --{dest.replace('_', '-')} is an option of --task {task}, not {args.task}")
+    for dest, tasks in _DEMO_TASK_OPTIONS.items():
+        if args.task not in tasks and getattr(args, dest, None) is not None:
+            option = _DEMO_OPTION_NAMES.get(dest, f"--{dest.replace('_', '-')}")
+            _error(f"revgrad demo: {option} is an option of --task {' or '.join(tasks)}, not {args.task}")
             return 2
     if args.task == "lm":
         settings = LMDemoSettings(**_demo_options(args, LM_DEFAULTS))
+    elif args.task == "flow":
+        settings = FlowDemoSettings(**_demo_options(args, FLOW_DEFAULTS))
     else:
         settings = DemoSettings(**_demo_options(args, DEFAULTS))
     try:
@@ -183,6 +215,18 @@ def _demo_run(args: argparse.Namespace) -> int:
             flush=True,
         )
         run = lambda: run_lm_demo(**asdict(s), progress=args.progress)  # noqa: E731
+    elif isinstance(settings, FlowDemoSettings):
+        s = settings
+        kind = "class-conditional (one-hot labels)" if s.conditional else "unconditional"
+        print(
+            f"revgrad demo --task flow: a {kind} Glow on scikit-learn's digits (8x8 images, 17 levels, "
+            f"dequantized)\n"
+            f"  model: {s.levels} level(s) x {s.depth} steps (ActNorm, 1x1 conv, affine coupling of width "
+            f"{s.hidden}), learned priors, check={s.check!r}\n"
+            f"  training: {s.steps} steps, batch {s.batch_size}, Adam, lr {s.lr:g}, seed {s.seed}, device {s.device}",
+            flush=True,
+        )
+        run = lambda: run_flow_demo(**asdict(s), progress=args.progress)  # noqa: E731
     else:
         s = settings
         print(
@@ -207,6 +251,9 @@ def _demo_run(args: argparse.Namespace) -> int:
     if isinstance(settings, LMDemoSettings):
         print(f"  {result.parameters:,} parameters, {settings.depth} reversible layers, "
               f"{result.train_tokens:,} training / {result.heldout_tokens:,} held-out bytes")
+    elif isinstance(settings, FlowDemoSettings):
+        print(f"  {result.parameters:,} parameters, {result.blocks} invertible blocks in {settings.levels} "
+              f"memory-saving chain(s), {result.train_size} training / {result.test_size} test images")
     else:
         print(f"  {result.parameters:,} parameters, {result.blocks} reversible blocks, "
               f"{result.train_size} training / {result.test_size} test images")
@@ -343,7 +390,7 @@ COMMANDS: tuple[Command, ...] = (
     Command(
         name="demo",
         help="train a small reversible ResNet on scikit-learn's digits (or, with --task lm, a reversible language "
-             "model) and compare its memory with plain autograd",
+             "model; with --task flow, a Glow density model) and compare its memory with plain autograd",
         description=(
             "Train a small reversible ResNet (AdditiveCoupling blocks, converted with revgrad.reversible) on "
             "scikit-learn's digits data set (1797 8x8 images, bundled with scikit-learn: nothing is downloaded). "
@@ -353,7 +400,11 @@ COMMANDS: tuple[Command, ...] = (
             "With --task lm: train a reversible causal language model (revgrad.models.rev_lm) on the text of "
             "Python's help topics (pydoc_data, part of the standard library), one token per byte, and print the "
             "held-out loss before and after training, tokens per second, the same memory comparison and the "
-            "last backward's report."
+            "last backward's report. "
+            "With --task flow: train a small Glow (revgrad.models.glow, class-conditional unless --unconditional) "
+            "by maximum likelihood on the digits' 17 integer levels, dequantized afresh every batch, and print the "
+            "test bits/dim before and after training, images per second, the same memory comparison and the last "
+            "backward's reports; samples at temperatures 1 and 0.7 are written as a PNG to --out (matplotlib)."
         ),
         add_arguments=_demo_arguments,
         run=_demo_run,

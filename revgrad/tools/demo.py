@@ -23,6 +23,12 @@ Python's own help topics (``pydoc_data.topics``, part of the standard library: n
 one token per byte. It measures the loss on held-out text before and after training, the training
 throughput, and the bytes held between forward and backward by the model and by the same model with
 plain autograd (``memory_saving=False``, same weights).
+
+``revgrad demo --task flow`` (:func:`run_flow_demo`) trains a small Glow (:func:`revgrad.models.glow`:
+affine couplings, learned priors, one memory-saving chain per level), class-conditional on the one-hot
+label or not, by maximum likelihood on the digits' 17 integer levels, dequantized with fresh uniform
+noise every batch. It measures the test bits per dimension before and after training, the training
+throughput, the same memory comparison, and writes a PNG of samples at two temperatures (matplotlib).
 """
 
 from __future__ import annotations
@@ -42,16 +48,21 @@ from ..blocks.couplings import AdditiveCoupling
 from ..engine.backprop import CHECK_MODES, CheckMode
 from ..engine.report import BackwardReport
 from ..engine.sequential import ReversibleSequential, reversible
+from ..models.flow import Glow, dequantize
 from ..models.revnet import revnet_branch
 from .memory import MemoryProbe, cpu_counting_available
 
 __all__ = [
     "DEFAULTS",
+    "FLOW_DEFAULTS",
     "LM_DEFAULTS",
     "DemoData",
     "DemoResult",
     "DemoSettings",
     "Downsample",
+    "FlowData",
+    "FlowDemoResult",
+    "FlowDemoSettings",
     "LMDemoResult",
     "LMDemoSettings",
     "RevResNet",
@@ -59,9 +70,12 @@ __all__ = [
     "evaluate",
     "held_bytes",
     "load_digits_data",
+    "load_digits_levels",
     "load_text_tokens",
     "run_demo",
+    "run_flow_demo",
     "run_lm_demo",
+    "write_flow_png",
 ]
 
 #: Seed of the train/test split: fixed, so every ``seed`` is scored on the same test images.
@@ -71,7 +85,7 @@ TEST_FRACTION = 0.2
 NUM_CLASSES = 10
 MIB = 1024 * 1024
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -247,11 +261,13 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def held_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: LossFn = F.cross_entropy) -> int | None:
+def held_bytes(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, loss_fn: LossFn = F.cross_entropy, extra: tuple = ()
+) -> int | None:
     """Bytes held between forward and backward of one training step (``None`` where not countable).
 
     Runs one warm-up step first (lazy caches, allocator), then measures the bytes that tensors created
-    by ``forward`` and the loss (``loss_fn(model(x), y)``) still hold when backward starts, and finishes
+    by ``forward`` and the loss (``loss_fn(model(x, *extra), y)``) still hold when backward starts, and finishes
     the step's backward. Gradients are cleared before and after; the parameters are not updated
     (BatchNorm running statistics are, as in any training-mode forward).
     """
@@ -260,9 +276,9 @@ def held_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
     was_training = model.training
     model.train()
     try:
-        _training_step(model, x, y, loss_fn=loss_fn)  # warm-up: lazy caches (fingerprint signs), allocator pools
+        _training_step(model, x, y, loss_fn=loss_fn, extra=extra)  # warm-up: lazy caches, allocator pools
         probe = MemoryProbe(x.device)
-        _training_step(model, x, y, probe, loss_fn)
+        _training_step(model, x, y, probe, loss_fn, extra)
         return probe.held["held"]
     finally:
         model.zero_grad(set_to_none=True)
@@ -270,13 +286,13 @@ def held_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn: Loss
 
 
 def _training_step(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, probe: MemoryProbe | None = None,
-    loss_fn: LossFn = F.cross_entropy,
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, probe: MemoryProbe | None = None,
+    loss_fn: LossFn = F.cross_entropy, extra: tuple = (),
 ) -> None:
     """Forward, loss and backward without an update; marks ``"held"`` on ``probe`` before backward."""
     model.zero_grad(set_to_none=True)
     with probe if probe is not None else contextlib.nullcontext():
-        loss = loss_fn(model(x), y)
+        loss = loss_fn(model(x, *extra), y)
         if probe is not None:
             probe.mark("held")
         loss.backward()
@@ -786,3 +802,432 @@ def run_lm_demo(
         train_seconds=train_seconds,
         elapsed_seconds=time.perf_counter() - start,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The flow task: ``revgrad demo --task flow``
+
+#: Quantization levels of the digits: their pixels are integers 0..16.
+FLOW_BINS = 17
+#: Seed of the test set's fixed dequantization noise: every run and seed is scored on the same values.
+FLOW_TEST_NOISE_SEED = 1234
+#: Rows of each sample panel (one per class for the conditional model) and samples per row.
+FLOW_GRID = 10
+
+
+@dataclass(frozen=True)
+class FlowDemoSettings:
+    """The flow demo's settings; the defaults are those of ``revgrad demo --task flow``.
+
+    Attributes:
+        steps: training steps (one batch each, drawn at random from the training set).
+        levels: Glow levels (a squeeze each, a split after each but the last); the 8x8 images allow 1 to 3.
+        depth: flow steps per level (``ActNorm -> invertible 1x1 convolution -> affine coupling``).
+        hidden: width of the coupling networks.
+        conditional: condition every coupling and the learned priors on the one-hot class (a cINN);
+            ``False``: an unconditional density model of all digits.
+        batch_size: training batch size (also the batch whose held memory is measured).
+        lr: peak learning rate of Adam (one-cycle schedule over ``steps``).
+        check: revgrad's check mode: ``"off"``, ``"detect"`` or ``"correct"``.
+        seed: seed of the weights, the batches, their dequantization noise and the samples.
+        threads: CPU threads for torch (``None``: torch's current setting); 1 by default, see
+            :class:`DemoSettings`.
+        device: where to train (``"cpu"`` or a CUDA device).
+        out: path of the PNG grid of samples (``None``: none is written).
+        temperatures: the sampling temperatures, one panel each.
+    """
+
+    steps: int = 250
+    levels: int = 2
+    depth: int = 3
+    hidden: int = 48
+    conditional: bool = True
+    batch_size: int = 64
+    lr: float = 3e-3
+    check: CheckMode = "correct"
+    seed: int = 0
+    threads: int | None = 1
+    device: str = "cpu"
+    out: str | None = "flow_samples.png"
+    temperatures: tuple[float, ...] = (1.0, 0.7)
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for settings the demo cannot run with."""
+        positive = {"steps": self.steps, "levels": self.levels, "depth": self.depth, "hidden": self.hidden,
+                    "batch_size": self.batch_size}
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"revgrad demo: {name} must be >= 1, got {value}")
+        if self.levels > 3:
+            raise ValueError(f"revgrad demo: levels must be at most 3 (8x8 images squeeze to 1x1), got {self.levels}")
+        if not self.lr > 0:
+            raise ValueError(f"revgrad demo: lr must be positive, got {self.lr}")
+        if self.check not in CHECK_MODES:
+            raise ValueError(f"revgrad demo: check must be one of {CHECK_MODES}, got {self.check!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"revgrad demo: threads must be >= 1, got {self.threads}")
+        if not self.temperatures or any(not t >= 0 for t in self.temperatures):
+            raise ValueError(f"revgrad demo: temperatures must be one or more numbers >= 0, got {self.temperatures}")
+
+
+FLOW_DEFAULTS = FlowDemoSettings()
+
+
+@dataclass(frozen=True)
+class FlowData:
+    """The digits as integers 0..16: images ``[N, 1, 8, 8]`` (int64) and labels ``[N]`` (int64), split as
+    :func:`load_digits_data` splits them."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def load_digits_levels(device: torch.device | str = "cpu") -> FlowData:
+    """scikit-learn's digits as their integer levels (0..16, :data:`FLOW_BINS` of them), split with
+    :data:`SPLIT_SEED` (the same train and test images as the other digits task)."""
+    try:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+    except ModuleNotFoundError as exc:  # scikit-learn is the optional "demo" extra
+        raise ModuleNotFoundError(
+            "revgrad demo needs scikit-learn for its data set: pip install 'revgrad[demo]'", name=exc.name
+        ) from exc
+
+    digits = load_digits()
+    x_tr, x_te, y_tr, y_te = train_test_split(
+        digits.images, digits.target, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=digits.target
+    )
+
+    def levels(images) -> torch.Tensor:
+        return torch.as_tensor(images).round().clamp(0, FLOW_BINS - 1).to(torch.int64).unsqueeze(1).to(device)
+
+    def labels(y) -> torch.Tensor:
+        return torch.as_tensor(y, dtype=torch.int64).to(device)
+
+    return FlowData(levels(x_tr), labels(y_tr), levels(x_te), labels(y_te))
+
+
+def _flow_input(levels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Integer levels to the flow's input: uniformly dequantized to ``[0, 1)``, then centred to
+    ``[-0.5, 0.5)`` (a shift: no change of density)."""
+    return dequantize(levels.cpu(), FLOW_BINS, generator=generator).to(levels.device) - 0.5
+
+
+def _one_hot(y: torch.Tensor, conditional: bool) -> torch.Tensor | None:
+    return F.one_hot(y, NUM_CLASSES).float() if conditional else None
+
+
+@torch.no_grad()
+def _test_bits_per_dim(model: Glow, x: torch.Tensor, c: torch.Tensor | None, batch_size: int = 512) -> float:
+    """Mean bits per dimension of ``model`` (eval mode) on the dequantized test images; restores its mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        total = 0.0
+        for i in range(0, len(x), batch_size):
+            ci = None if c is None else c[i : i + batch_size]
+            total += float(model.bits_per_dim(x[i : i + batch_size], ci, bins=FLOW_BINS)) * len(x[i : i + batch_size])
+    finally:
+        model.train(was_training)
+    return total / len(x)
+
+
+def _flow_nll(log_prob: torch.Tensor, _unused: torch.Tensor | None) -> torch.Tensor:
+    return -log_prob.mean()
+
+
+@torch.no_grad()
+def _flow_samples(model: Glow, settings: FlowDemoSettings, generator: torch.Generator) -> list[torch.Tensor]:
+    """Per temperature, ``FLOW_GRID * FLOW_GRID`` samples ``[N, 1, 8, 8]`` in ``[-0.5, 0.5)`` units (row ``r``
+    of a conditional model: class ``r``); not clamped."""
+    was_training = model.training
+    model.eval()
+    try:
+        n = FLOW_GRID * FLOW_GRID
+        device = next(model.parameters()).device
+        classes = torch.arange(FLOW_GRID, device=device).repeat_interleave(FLOW_GRID) % NUM_CLASSES
+        c = _one_hot(classes, settings.conditional)
+        return [model.sample(n, c, temperature=t, generator=generator).cpu() for t in settings.temperatures]
+    finally:
+        model.train(was_training)
+
+
+def _image_grid(images: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``[rows * cols, 1, H, W]`` images in ``[0, 1]`` to one ``[rows * (H + 1) - 1, cols * (W + 1) - 1]`` grid
+    (one-pixel gaps at NaN, drawn as the background)."""
+    _, _, h, w = images.shape
+    grid = torch.full((rows * (h + 1) - 1, cols * (w + 1) - 1), float("nan"))
+    for k in range(min(len(images), rows * cols)):
+        r, q = divmod(k, cols)
+        grid[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = images[k, 0]
+    return grid
+
+
+def write_flow_png(
+    path: str, samples: list[torch.Tensor], temperatures: tuple[float, ...], real: torch.Tensor, conditional: bool,
+    title: str = "",
+) -> None:
+    """Write the sample panels (one per temperature) next to a panel of real test digits to ``path``.
+
+    ``samples``: per temperature ``[FLOW_GRID * FLOW_GRID, 1, 8, 8]`` in ``[-0.5, 0.5)`` units; ``real``: as many
+    test images (same units). Values are clamped to ``[0, 1]`` after the shift back (non-finite ones shown as
+    black). Raises ``ImportError`` without matplotlib.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def show(images: torch.Tensor) -> torch.Tensor:
+        return _image_grid(torch.nan_to_num(images + 0.5, nan=1.0, posinf=1.0, neginf=0.0).clamp(0, 1),
+                           FLOW_GRID, FLOW_GRID)
+
+    panels = [("test images", show(real))]
+    panels += [(f"samples, temperature {t:g}", show(s)) for t, s in zip(temperatures, samples)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 4.0), squeeze=False)
+    cmap = matplotlib.colormaps["gray_r"].with_extremes(bad="#d8e4f0")
+    for ax, (name, grid) in zip(axes[0], panels):
+        ax.imshow(grid.numpy(), cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([])
+        if conditional:
+            ax.set_yticks([r * 9 + 3.5 for r in range(FLOW_GRID)], [str(r % NUM_CLASSES) for r in range(FLOW_GRID)],
+                          fontsize=8)
+        else:
+            ax.set_yticks([])
+    if conditional:
+        axes[0][0].set_ylabel("class")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@dataclass
+class FlowDemoResult:
+    """What :func:`run_flow_demo` measured.
+
+    Attributes:
+        settings: the settings it ran with.
+        bpd_before, bpd_after: test bits per dimension (the test images with fixed dequantization noise)
+            before training (after ActNorm's data-dependent initialization) and after it; ``log2(17) = 4.09``
+            is a uniform guess over the 17 levels.
+        step_bpd: the training bits per dimension of every step.
+        train_size, test_size: images in each set.
+        images_per_second: training images per second of the training loop (forward, backward, update).
+        parameters: trainable parameters.
+        blocks: blocks in the memory-saving chains (squeezes, ActNorms, 1x1 convolutions, couplings).
+        held_revgrad, held_plain: bytes held between forward and backward for one training batch, by the
+            model and by the same model with plain autograd (``memory_saving=False``, same weights)
+            (``None`` where CPU bytes cannot be counted).
+        last_reports: the :class:`revgrad.BackwardReport` of each level's chain in the last training step.
+        corrections: corrected reconstructions over all of training, all chains.
+        png: the path the samples were written to (``None``: none written); png_note: why not, if asked for.
+        nonfinite_samples: sample values that were NaN or infinite (drawn as black).
+        train_seconds: time spent in the training loop; elapsed_seconds: the whole run.
+    """
+
+    settings: FlowDemoSettings
+    bpd_before: float
+    bpd_after: float
+    step_bpd: list[float]
+    train_size: int
+    test_size: int
+    images_per_second: float
+    parameters: int
+    blocks: int
+    held_revgrad: int | None
+    held_plain: int | None
+    last_reports: dict[str, BackwardReport]
+    corrections: int
+    png: str | None
+    png_note: str
+    nonfinite_samples: int
+    train_seconds: float
+    elapsed_seconds: float
+
+    @property
+    def memory_ratio(self) -> float | None:
+        """How many times less the revgrad model holds than plain autograd (``None`` if not measured)."""
+        if self.held_revgrad is None or self.held_plain is None or self.held_revgrad <= 0:
+            return None
+        return self.held_plain / self.held_revgrad
+
+    @property
+    def last_report(self) -> BackwardReport | None:
+        """The first level's chain's last report (the longest chain, at full resolution)."""
+        return next(iter(self.last_reports.values()), None)
+
+    def summary(self) -> str:
+        """The human-readable report that ``revgrad demo --task flow`` prints."""
+        s = self.settings
+        lines = [
+            f"test bits/dim (uniform over {FLOW_BINS} levels: {math.log2(FLOW_BINS):.2f}): {self.bpd_before:.3f} "
+            f"before -> {self.bpd_after:.3f} after {_count(s.steps, 'step')}",
+            f"throughput: {self.images_per_second:,.0f} images/s trained (forward, backward and update)",
+            f"activation memory held between forward and backward (one batch of {s.batch_size}):",
+        ]
+        if self.held_revgrad is None or self.held_plain is None:
+            lines.append("  not measured: counting CPU bytes needs glibc's mallinfo2 (Linux, glibc >= 2.33)")
+        else:
+            ratio = self.memory_ratio
+            lines += [
+                f"  revgrad:        {self.held_revgrad / MIB:8.3f} MiB",
+                f"  plain autograd: {self.held_plain / MIB:8.3f} MiB (the same model, memory_saving=False)",
+                f"  ratio:          {ratio:8.2f}x less with revgrad" if ratio else "  ratio:          n/a",
+            ]
+        if not self.last_reports:
+            lines.append(f"last backward: {_describe_report(None)}")
+        for name, report in self.last_reports.items():
+            lines.append(f"last backward ({name}): {_describe_report(report)}")
+        if s.check == "correct":
+            lines.append(f"corrections over training: {self.corrections}")
+        if self.png:
+            temps = " and ".join(f"{t:g}" for t in s.temperatures)
+            rows = "one row per class" if s.conditional else "unconditional"
+            note = f"; {self.nonfinite_samples} non-finite values drawn black" if self.nonfinite_samples else ""
+            lines.append(f"samples: {self.png} (temperatures {temps}, {rows}, test images alongside{note})")
+        elif self.png_note:
+            lines.append(f"samples: not written: {self.png_note}")
+        threads = torch.get_num_threads() if s.threads is None else s.threads
+        lines.append(
+            f"time: {self.elapsed_seconds:.1f} s ({self.train_seconds:.1f} s training, "
+            f"{_count(s.steps, 'step')}, {_count(threads, 'thread')})"
+        )
+        return "\n".join(lines)
+
+
+def run_flow_demo(
+    *,
+    steps: int = FLOW_DEFAULTS.steps,
+    levels: int = FLOW_DEFAULTS.levels,
+    depth: int = FLOW_DEFAULTS.depth,
+    hidden: int = FLOW_DEFAULTS.hidden,
+    conditional: bool = FLOW_DEFAULTS.conditional,
+    batch_size: int = FLOW_DEFAULTS.batch_size,
+    lr: float = FLOW_DEFAULTS.lr,
+    check: CheckMode = FLOW_DEFAULTS.check,
+    seed: int = FLOW_DEFAULTS.seed,
+    threads: int | None = FLOW_DEFAULTS.threads,
+    device: str = FLOW_DEFAULTS.device,
+    out: str | None = FLOW_DEFAULTS.out,
+    temperatures: tuple[float, ...] = FLOW_DEFAULTS.temperatures,
+    progress: bool = True,
+) -> FlowDemoResult:
+    """Train a small Glow (:func:`revgrad.models.glow`, learned priors) on the digits by maximum likelihood,
+    then measure test bits/dim, throughput and memory, and write a PNG of samples to ``out``.
+
+    The digits' 17 integer levels are dequantized with fresh uniform noise every batch
+    (:func:`revgrad.models.dequantize`); the test images with fixed noise. ActNorm initializes from the
+    first training batch before the "before" score. Deterministic for a given ``seed`` and thread count
+    on CPU; the caller's RNG state and thread setting are left as they were. Without matplotlib no PNG
+    is written (``png_note`` says so). Raises ``ValueError`` for invalid settings and
+    :class:`revgrad.ReconstructionError` when ``check="detect"`` finds a drifted reconstruction.
+    """
+    from ..models.flow import glow
+
+    settings = FlowDemoSettings(steps, levels, depth, hidden, conditional, batch_size, lr, check, seed, threads,
+                                device, out, tuple(temperatures))
+    settings.validate()
+    start = time.perf_counter()
+    dev = torch.device(device)
+    with _torch_threads(threads), torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        data = load_digits_levels(dev)
+        config = dict(in_channels=1, image_size=8, levels=levels, depth=depth, hidden=hidden, coupling="affine",
+                      scale="sigmoid", prior="learned", condition_dim=NUM_CLASSES if conditional else None)
+        model = glow(**config, memory_saving=True, check=check).to(dev)
+        chains = [m for m in model.levels if isinstance(m, ReversibleSequential)]
+        x_test = _flow_input(data.x_test, torch.Generator().manual_seed(FLOW_TEST_NOISE_SEED))
+        c_test = _one_hot(data.y_test, conditional)
+
+        batch_rng = torch.Generator().manual_seed(seed)
+        n = len(data.x_train)
+
+        def batch() -> tuple[torch.Tensor, torch.Tensor | None]:
+            idx = torch.randint(0, n, (batch_size,), generator=batch_rng).to(dev)
+            return _flow_input(data.x_train[idx], batch_rng), _one_hot(data.y_train[idx], conditional)
+
+        model.train()
+        with torch.no_grad():  # ActNorm's data-dependent initialization, from a training batch
+            model.log_prob(*batch())
+        bpd_before = _test_bits_per_dim(model, x_test, c_test)
+
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+        step_bpd: list[float] = []
+        corrections = 0
+        from tqdm.auto import tqdm  # here, so that `revgrad --help` and other commands run without it
+
+        train_start = time.perf_counter()
+        bar = tqdm(range(steps), desc="training", unit="step", disable=not progress, leave=True, dynamic_ncols=True)
+        for _ in bar:
+            x, c = batch()
+            loss = model.bits_per_dim(x, c, bins=FLOW_BINS)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            scheduler.step()
+            corrections += sum(len(ch.last_report.corrected) for ch in chains if ch.last_report is not None)
+            step_bpd.append(loss.item())
+            bar.set_postfix(bpd=f"{step_bpd[-1]:.3f}")
+        bar.close()
+        train_seconds = time.perf_counter() - train_start
+        last_reports = {name: m.last_report for name, m in model.named_modules()
+                        if isinstance(m, ReversibleSequential) and m.last_report is not None}
+
+        bpd_after = _test_bits_per_dim(model, x_test, c_test)
+        plain = glow(**config, memory_saving=False).to(dev)  # the same weights, plain autograd
+        plain.load_state_dict(model.state_dict())
+        batch_x, batch_c = x_test[:batch_size], None if c_test is None else c_test[:batch_size]
+        extra = () if batch_c is None else (batch_c,)
+        held_revgrad = held_bytes(model, batch_x, None, _flow_nll, extra)
+        held_plain = held_bytes(plain, batch_x, None, _flow_nll, extra)
+
+        png, png_note, nonfinite = None, "", 0
+        if out is not None:
+            samples = _flow_samples(model, settings, torch.Generator().manual_seed(seed))
+            nonfinite = sum(int((~torch.isfinite(s)).sum()) for s in samples)
+            real = _real_grid_images(data, x_test, conditional)
+            kind = "class-conditional" if conditional else "unconditional"
+            title = (f"{kind} Glow on the 8x8 digits, {levels} levels x {depth} steps; "
+                     f"test {bpd_after:.2f} bits/dim after {steps} steps")
+            try:
+                write_flow_png(out, samples, settings.temperatures, real, conditional, title)
+                png = out
+            except ImportError:
+                png_note = "matplotlib is not installed (pip install matplotlib)"
+
+    return FlowDemoResult(
+        settings=settings,
+        bpd_before=bpd_before,
+        bpd_after=bpd_after,
+        step_bpd=step_bpd,
+        train_size=n,
+        test_size=len(data.x_test),
+        images_per_second=steps * batch_size / train_seconds,
+        parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+        blocks=sum(len(ch) for ch in chains),
+        held_revgrad=held_revgrad,
+        held_plain=held_plain,
+        last_reports=last_reports,
+        corrections=corrections,
+        png=png,
+        png_note=png_note,
+        nonfinite_samples=nonfinite,
+        train_seconds=train_seconds,
+        elapsed_seconds=time.perf_counter() - start,
+    )
+
+
+def _real_grid_images(data: FlowData, x_test: torch.Tensor, conditional: bool) -> torch.Tensor:
+    """``FLOW_GRID * FLOW_GRID`` test images (dequantized) for the reference panel: row ``r`` of class ``r`` when
+    ``conditional``, else the first test images."""
+    if not conditional:
+        return x_test[: FLOW_GRID * FLOW_GRID].cpu()
+    rows = [x_test[data.y_test == r][:FLOW_GRID] for r in range(FLOW_GRID)]
+    return torch.cat(rows).cpu()
