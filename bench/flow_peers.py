@@ -114,7 +114,7 @@ def build_normflows(args):
         ch = C * 2 ** (L + 1 - i)
         level = [nf.flows.GlowBlock(ch, args.hidden, scale=True, scale_map="sigmoid", split_mode="channel",
                                     use_lu=True) for _ in range(args.depth)]
-        flows.append(level + [nf.flows.Squeeze()])
+        flows.append([*level, nf.flows.Squeeze()])
         if i > 0:
             merges.append(nf.flows.Merge())
             shape = (C * 2 ** (L - i), S // 2 ** (L - i), S // 2 ** (L - i))

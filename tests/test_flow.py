@@ -112,10 +112,11 @@ def _standardized(model: Glow, x: torch.Tensor, c: torch.Tensor | None) -> torch
     return torch.cat(parts, dim=1)
 
 
+@pytest.mark.parametrize("coupling", ["affine", "additive"])
 @pytest.mark.parametrize("prior,conditional", [("standard", False), ("learned", True)])
-def test_log_prob_equals_brute_force_change_of_variables(prior, conditional):
-    model = _model(prior=prior, condition_dim=K if conditional else None, memory_saving=False)
-    fast = _model(prior=prior, condition_dim=K if conditional else None)
+def test_log_prob_equals_brute_force_change_of_variables(prior, conditional, coupling):
+    model = _model(prior=prior, condition_dim=K if conditional else None, memory_saving=False, coupling=coupling)
+    fast = _model(prior=prior, condition_dim=K if conditional else None, coupling=coupling)
     x, c = _x(2), _condition(2, conditional)
     expected = []
     for i in range(2):

@@ -226,11 +226,8 @@ def plot(results: list[dict], path: Path, title: str) -> None:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes.flat[0].legend(fontsize=8)
-    axes.flat[-1].axis("off")
-    axes.flat[-1].text(0.0, 0.5, "x at 1e3: reconstruction not finite\n"
-                       "recon: ||decode(encode(x)) - x|| / ||x||\n"
-                       "probes: revgrad.ood_probes(test images)", fontsize=10, va="center")
-    fig.suptitle(title)
+    fig.suptitle(title + "\nrecon: ||decode(encode(x)) - x|| / ||x||, probes: revgrad.ood_probes(test images); "
+                 "x at 1e3: reconstruction not finite")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -247,7 +244,7 @@ def _e(v: float) -> str:
 def tables(results: list[dict]) -> str:
     head = "| run | test bpd | " + " | ".join(f"recon {s}" for s in SETS)
     lines = [head + " | max recon scaled_10x | grad rel L2 | max grad rel L2 | corrections | diverged at | time (s) |",
-             "|---|" + "---|" * (len(SETS) + 8)]
+             "|---|" + "---|" * (len(SETS) + 7)]
     for r in results:
         f, m = r["final"], r["max"]
         lines.append(
