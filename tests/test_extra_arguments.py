@@ -265,11 +265,11 @@ def test_conditional_freia_sequence_inn_matches_freia():
     x = torch.randn(5, 6, dtype=torch.float64)
     c0, c1 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
     outs = []
-    for run in (lambda h: chain(h, c0, c1), lambda h: reference(h, c=[c0, c1])):
-        xx = x.clone().requires_grad_()
-        z, logdet = run(xx)
+    for run in (lambda h, a, b: chain(h, a, b), lambda h, a, b: reference(h, c=[a, b])):
+        xx, a, b = x.clone().requires_grad_(), c0.clone().requires_grad_(), c1.clone().requires_grad_()
+        z, logdet = run(xx, a, b)
         scalar_loss((z, logdet)).backward()
-        outs.append((z, logdet, xx.grad))
+        outs.append((z, logdet, xx.grad, a.grad, b.grad))  # gradients to the conditions too
     for a, b in zip(*outs, strict=True):
         assert_rel_close(a, b, TOL[torch.float64])
     for (name, p), q in zip(inn.named_parameters(), reference.parameters(), strict=True):
