@@ -109,14 +109,15 @@ class CallArgs:
     def changed(self) -> str | None:
         """Where an argument was changed since :meth:`record_versions` (a tensor modified in place, a
         container given or deprived of items), described for a message; None if nothing was."""
-        with_paths, spec = pytree.tree_flatten_with_path((self.args, self.kwargs))
-        if spec != self._spec or len(with_paths) != len(self._leaves):
+        # Checked after every block in forward: the plain flatten first, paths only for the message.
+        leaves, spec = pytree.tree_flatten((self.args, self.kwargs))
+        if spec != self._spec or len(leaves) != len(self._leaves):
             return "arguments' containers (an item added, removed or replaced)"
-        for (path, leaf), before, version in zip(with_paths, self._leaves, self._versions):
-            if leaf is not before:
-                return f"{_describe_path(path)} (replaced)"
-            if version is not None and leaf._version != version:
-                return _describe_path(path)
+        for i, (leaf, before, version) in enumerate(zip(leaves, self._leaves, self._versions)):
+            replaced = leaf is not before
+            if replaced or (version is not None and leaf._version != version):
+                path = pytree.tree_flatten_with_path((self.args, self.kwargs))[0][i][0]
+                return f"{_describe_path(path)} (replaced)" if replaced else _describe_path(path)
         return None
 
     def check_unchanged(self, who: Callable[[], str]) -> None:

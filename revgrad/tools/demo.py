@@ -370,16 +370,18 @@ class DemoResult:
         lines.append(f"last backward: {_describe_report(self.last_report)}")
         if s.check == "correct":
             lines.append(f"corrections over training: {self.corrections}")
-        threads = torch.get_num_threads() if s.threads is None else s.threads
-        lines.append(
-            f"time: {self.elapsed_seconds:.1f} s ({self.train_seconds:.1f} s training, "
-            f"{_count(s.epochs, 'epoch')}, {_count(threads, 'thread')})"
-        )
+        lines.append(_time_line(self.elapsed_seconds, self.train_seconds, _count(s.epochs, "epoch"), s.threads))
         return "\n".join(lines)
 
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _time_line(elapsed: float, training: float, work: str, threads: int | None) -> str:
+    """The last line of every demo's summary: wall time, training time, how much work, threads."""
+    threads = torch.get_num_threads() if threads is None else threads
+    return f"time: {elapsed:.1f} s ({training:.1f} s training, {work}, {_count(threads, 'thread')})"
 
 
 def _describe_report(report: BackwardReport | None) -> str:
@@ -692,11 +694,7 @@ class LMDemoResult:
             lines.append(f"corrections over training: {self.corrections}")
         if self.sample:
             lines.append(f"sample: {self.sample!r}")
-        threads = torch.get_num_threads() if s.threads is None else s.threads
-        lines.append(
-            f"time: {self.elapsed_seconds:.1f} s ({self.train_seconds:.1f} s training, "
-            f"{_count(s.steps, 'step')}, {_count(threads, 'thread')})"
-        )
+        lines.append(_time_line(self.elapsed_seconds, self.train_seconds, _count(s.steps, "step"), s.threads))
         return "\n".join(lines)
 
 
@@ -1092,11 +1090,7 @@ class FlowDemoResult:
             lines.append(f"samples: {self.png} (temperatures {temps}, {rows}, test images alongside{note})")
         elif self.png_note:
             lines.append(f"samples: not written: {self.png_note}")
-        threads = torch.get_num_threads() if s.threads is None else s.threads
-        lines.append(
-            f"time: {self.elapsed_seconds:.1f} s ({self.train_seconds:.1f} s training, "
-            f"{_count(s.steps, 'step')}, {_count(threads, 'thread')})"
-        )
+        lines.append(_time_line(self.elapsed_seconds, self.train_seconds, _count(s.steps, "step"), s.threads))
         return "\n".join(lines)
 
 
