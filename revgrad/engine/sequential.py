@@ -219,7 +219,8 @@ class ReversibleSequential(nn.Sequential):
         like forward's: a block whose ``inverse`` returns ``(x, logdet)`` gives that one; a block whose
         inverse returns ``x`` only (revgrad's couplings and layers, :class:`revgrad.FrEIABlock`) gives
         minus its forward's logdet at the rebuilt ``x``, at the cost of one more forward evaluation of
-        it (in the pass and in each recomputation in backward). ``with_logdet`` is this method's
+        it (in the pass and in each recomputation in backward; in training mode it draws its own dropout
+        masks, so the logdet of a block with dropout is that evaluation's). ``with_logdet`` is this method's
         keyword, not passed to the blocks."""
         require_blocks(self, f"revgrad: {type(self).__name__}.inverse", "child", BlockError)
         n = len(self)
