@@ -16,6 +16,7 @@ built once would. Then the step times, providers interleaved, as paired ratios t
     python bench/grad_trust.py --steps 2000 --json bench/out/grad_trust.json
     python bench/grad_trust.py --steps 200 --fresh      # a new wrapper every step (no state kept)
     python bench/grad_trust.py --stage-truth            # RevNet stage: float32 gradients vs float64 truth
+    python bench/grad_trust.py --drift                  # deep healthy chains: drift anchors vs none
 """
 
 from __future__ import annotations
@@ -181,6 +182,57 @@ def stage_truth(blocks: int = 12) -> dict[str, float]:
     return rows
 
 
+def drift(depths: tuple[int, ...] = (24, 40, 64), seeds: int = 2, steps: int = 10) -> list[dict]:
+    """Deep healthy float32 chains (``tests/chains.py``'s ``healthy_chain``: additive and affine
+    couplings, flips), rebuilt from the top by default: each provider's gradient (input and parameters)
+    after ``steps`` steps at the same weights and input, against the float64 truth, beside plain float32
+    autograd's. Providers: rebuilt from the top with no drift anchors, the default (drift anchors), and
+    regular anchors stored in forward every ceil(sqrt(N)) blocks. Worst tensor and whole gradient."""
+    import copy
+
+    import revgrad.engine.backprop as engine
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from chains import healthy_chain
+    from reference import plain_chain, scalar_loss
+
+    def grads(net, x, options=None):
+        model = copy.deepcopy(net)
+        run = (lambda h: plain_chain(list(model), h)) if options is None else revgrad.reversible(model, **options)
+        for _ in range(1 if options is None else steps):
+            model.zero_grad(set_to_none=True)
+            xx = x.clone().requires_grad_()
+            scalar_loss(run(xx)).backward()
+        return [xx.grad.double(), *(p.grad.double() for p in model.parameters())], run
+
+    rows = []
+    for depth in depths:
+        for seed in range(seeds):
+            net = healthy_chain(depth, channels=6, seed=seed)
+            torch.manual_seed(100 + seed)
+            x = torch.randn(3, 6, 5, 5)
+            truth, _ = grads(copy.deepcopy(net).double(), x.double())
+            n = len(list(net))
+            providers = {"plain float32": (None, None), "rebuilt from the top": ({}, math.inf),
+                         "default (drift anchors)": ({}, None),
+                         "anchors in forward": ({"anchor_every": math.ceil(math.sqrt(n))}, math.inf)}
+            for name, (options, threshold) in providers.items():
+                saved = engine.DRIFT
+                engine.DRIFT = saved if threshold is None else threshold
+                try:
+                    got, model = grads(net, x, options)
+                finally:
+                    engine.DRIFT = saved
+                report = getattr(model, "last_report", None)
+                rows.append({
+                    "blocks": n, "seed": seed, "provider": name,
+                    "worst_tensor": max(relative(a, b) for a, b in zip(got, truth)),
+                    "whole": relative(torch.cat([g.flatten() for g in got]), torch.cat([t.flatten() for t in truth])),
+                    "anchors": [] if report is None else report.anchors,
+                })
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=2000)
@@ -197,7 +249,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default=None)
     parser.add_argument("--stage-truth", action="store_true",
                         help="only: the 12-block RevNet stage's float32 gradients against the float64 truth")
+    parser.add_argument("--drift", action="store_true",
+                        help="only: deep healthy float32 chains against the float64 truth, drift anchors or not")
     args = parser.parse_args(argv)
+    if args.drift:
+        torch.set_num_threads(args.threads)
+        rows = drift()
+        print("| blocks | seed | provider | worst tensor vs float64 truth | whole gradient | anchors (last step) |")
+        print("|---:|---:|---|---:|---:|---|")
+        for r in rows:
+            print(f"| {r['blocks']} | {r['seed']} | {r['provider']} | {r['worst_tensor']:.2e} | {r['whole']:.2e} | "
+                  f"{r['anchors']} |")
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return 0
     if args.stage_truth:
         torch.set_num_threads(args.threads)
         for name, error in stage_truth().items():

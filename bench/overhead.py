@@ -2,8 +2,9 @@
 
     python bench/overhead.py                         # 12-block RevNet stage, one thread
     python bench/overhead.py --parts ratios --rounds 12 --json bench/out/overhead.json
+    python bench/overhead.py --parts small-blocks small-memory --rounds 12
 
-Three measurements, each with every provider interleaved round by round (``revgrad.tools.measure``):
+Timed measurements interleave every provider round by round (``revgrad.tools.measure``):
 
 1. **Recompute bound** at the stage's real size: plain autograd's forward without grad, as a fraction
    of plain autograd's training step. Any method that evaluates every block once more in backward
@@ -16,6 +17,9 @@ Three measurements, each with every provider interleaved round by round (``revgr
    on a shared VM), and each provider's excess over plain autograd at the first quartile.
 3. **Ratios** at the real size: each provider's step time over plain autograd's, paired per round
    (the comparison to run on two commits, alternately, to measure a change).
+4. **Small blocks** (``small-blocks``, ``small-memory``): the Glow classifier's flow, 26 blocks of 64
+   values per sample: step time against a hand-written memory-saving loop, and the bytes each
+   provider holds between forward and backward at batch 64 and 256.
 """
 
 from __future__ import annotations
@@ -193,7 +197,54 @@ def small_blocks(rounds: int) -> list[dict[str, Any]]:
              "x_off": timings.ratio(p, "revgrad-off")} for p in steps]
 
 
-PARTS = ("bound", "overhead", "ratios", "small-blocks")
+def small_memory(batches: tuple[int, ...] = (64, 256)) -> list[dict[str, Any]]:
+    """Bytes held between forward and backward by the Glow classifier's flow (26 blocks of 64 values per
+    sample), in activations (one block input: batch x 64 float32), per provider and batch size.
+
+    Counted by glibc (:class:`revgrad.tools.memory.MemoryProbe`): tensors and the Python objects of
+    the graph alike. ``check="correct"`` with ``anchor_every=6`` stores its regular anchors in forward
+    (ceil(sqrt(26)) = 6), as the default does lazily.
+    """
+    from revgrad.models import glow_classifier
+    from revgrad.tools.memory import MemoryProbe, cpu_counting_available
+
+    if not cpu_counting_available():
+        return []
+    torch.manual_seed(0)
+    model = glow_classifier(in_channels=1, levels=2, depth=4, hidden=16, permutation="conv", memory_saving=False)
+    with torch.no_grad():
+        model(torch.randn(64, 1, 8, 8))  # ActNorm's initialisation
+    blocks = list(model.flow)
+    flows = {
+        "plain": revgrad.PlainSequential(*blocks),
+        "hand-written loop": HandWrittenChain(blocks),
+        "revgrad-off": revgrad.ReversibleSequential(*blocks, check="off"),
+        "revgrad-detect": revgrad.ReversibleSequential(*blocks, check="detect"),
+        "revgrad-correct": revgrad.ReversibleSequential(*blocks, check="correct"),
+        "revgrad-correct (anchors in forward)": revgrad.ReversibleSequential(*blocks, check="correct", anchor_every=6),
+    }
+    rows = []
+    for name, flow in flows.items():
+        row: dict[str, Any] = {"provider": name}
+        for batch in batches:
+            activation = batch * 64 * 4
+            held = []
+            for _ in range(3):  # the first step creates lazily made state (weights tables, caches)
+                x = torch.randn(batch, 1, 8, 8)
+                with MemoryProbe(torch.device("cpu")) as probe:
+                    z, logdet = flow(x)
+                    held.append(probe.mark("held"))
+                    (z.square().mean() + logdet.mean()).backward()
+                    del z, logdet
+            row[f"held_b{batch}"] = min(held[1:]) / activation
+        rows.append(row)
+    for row in rows:
+        for batch in batches:
+            row[f"x_off_b{batch}"] = row[f"held_b{batch}"] / rows[2][f"held_b{batch}"]
+    return rows
+
+
+PARTS = ("bound", "overhead", "ratios", "small-blocks", "small-memory")
 
 
 def _table(columns: list[str], rows: list[tuple[str, ...]]) -> None:
@@ -236,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
         print("small blocks: the Glow classifier's flow (26 blocks, 64 values per sample, batch 64):\n")
         _table(["median step ms", "x plain (paired)", "x revgrad-off (paired)"],
                [(r["provider"], f"{r['median_ms']:.1f}", f"{r['x_plain']:.3f}", f"{r['x_off']:.3f}") for r in rows])
+    if "small-memory" in args.parts:
+        rows = payload["small_memory"] = small_memory()
+        print("small blocks, memory held between forward and backward (activations of batch x 64 float32):\n")
+        _table(["batch 64", "x off", "batch 256", "x off"],
+               [(r["provider"], f"{r['held_b64']:.2f}", f"{r['x_off_b64']:.2f}", f"{r['held_b256']:.2f}",
+                 f"{r['x_off_b256']:.2f}") for r in rows])
     if args.json:
         info = machine_info("cpu", " ".join(["python", "bench/overhead.py", *(argv or sys.argv[1:])]))
         payload = {"machine": info | {"malloc_pinned": pinned}, **payload}

@@ -2,7 +2,8 @@
 
 Forward (one ``torch.autograd.Function``, blocks run under ``no_grad``) keeps only the chain's output,
 per block a fingerprint of its input (``check != "off"``), RNG snapshots when the block drew random
-numbers, the buffers it wrote, and the anchors (exact block inputs; ``check="correct"`` only).
+numbers, the buffers it wrote, and the anchors (exact block inputs; ``check="correct"`` only: the
+chain's input, adaptive anchors, and every k-th block's with ``anchor_every=k``).
 
 Backward, for block ``i`` from the top, with ``y`` its (trusted) output and ``gy = dL/dy``:
 
@@ -10,8 +11,8 @@ Backward, for block ``i`` from the top, with ``y`` its (trusted) output and ``gy
    block's inverse (fused couplings also return the recompute graph: one sub-network evaluation);
 2. a rebuilt ``x`` is compared with its fingerprint before anything uses it; a relative error above
    ``tol`` (or NaN/Inf) raises :class:`ReconstructionError` (``"detect"``), or (``"correct"``) the
-   chain runs forward again from the nearest anchor below, keeping that segment's exact inputs for
-   the blocks below and using the exact ``x``;
+   chain runs forward again from the nearest anchor below, laying the regular anchors on the way and
+   keeping the exact inputs above the last one for the blocks below, and uses the exact ``x``;
 3. the VJP of the block at ``x`` (recomputed with grad, RNG and autocast replayed, buffers shielded)
    gives ``dL/dx`` and the block's parameter gradients, which ``backward`` returns through autograd.
 
@@ -39,9 +40,9 @@ from torch import nn
 from ..ops import dispatch
 from ..ops.fingerprint import fingerprint, fingerprint_parts
 from . import halves, sensitivity, sharding
-from .anchors import AdaptiveAnchors, regular_anchors
+from .anchors import DRIFT, AdaptiveAnchors, regular_anchors
 from .arguments import NO_ARGS, CallArgs, check_accepts
-from .checks import FingerprintRequest, default_tol, relative_error, requesting
+from .checks import MEASURED_EXACTLY, FingerprintRequest, FingerprintStore, default_tol, relative_error, requesting
 from .graph_budget import GraphBudget, SavedBytes
 from .halves import Halves
 from .protocol import (
@@ -84,7 +85,9 @@ class EngineConfig:
             reconstruction) or ``"correct"`` (replace it by an exact recomputation from an anchor).
         tol: relative reconstruction error allowed; ``None`` picks :func:`default_tol` of the
             compute dtype (the autocast dtype when autocast is on).
-        anchor_every: distance between regular anchors (``None``: ``ceil(sqrt(N))``).
+        anchor_every: ``None``: forward stores only the chain's input, and a correction lays regular
+            anchors every ``ceil(sqrt(N))`` blocks as it recomputes; ``k``: forward stores every k-th
+            block input (more memory held, cheaper corrections).
         preserve_rng_state: replay the generators' states in backward (dropout masks).
         warn: emit a ``RuntimeWarning`` and a ``logging`` record on each correction.
         graph_budget: bytes of autograd graphs the last blocks of a chain may keep instead of being
@@ -172,8 +175,6 @@ _GRAD_INSIDE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 # Why a rank whose own rebuild passed raises with check="detect" (FSDP2: ranks decide together).
 _ANOTHER_RANK = "another rank's rebuild of this block's input failed its check, and FSDP2's ranks decide together"
 
-# Tolerances at or above this store fingerprints in float32 (relative rounding 6e-8, far below).
-_FLOAT32_FINGERPRINTS = 1e-6
 # A tolerance below this fraction of the default is under the fingerprint's noise floor (5.6e-7 of
 # 1e-5 in float32, docs/architecture.md, "Tolerances"): an adaptive anchor there is used as exact.
 _UNRESOLVABLE = 1 / 20
@@ -502,19 +503,22 @@ class _RevBackprop(torch.autograd.Function):
         autocast = AutocastState.capture(x.device)
         checking = cfg.check != "off"
         n = len(chain.blocks)
+        # By default regular anchors are laid lazily: forward keeps only the chain's input (block 0's
+        # anchor, the input itself) and a correction lays the others as it recomputes
+        # (_Backward._correct). anchor_every=k asks for them in forward.
         regular = regular_anchors(n, cfg.anchor_every) if cfg.check == "correct" else frozenset()
         adaptive = chain.adaptive.indices if (cfg.check == "correct" and chain.adaptive) else frozenset()
-        stored = regular | adaptive
+        drift = chain.adaptive.drift_indices if (cfg.check == "correct" and chain.adaptive) else frozenset()
+        stored = (regular if cfg.anchor_every is not None else regular & {0}) | adaptive | drift
 
         tol = cfg.tol if cfg.tol is not None else default_tol(_compute_dtype(x, autocast))
-        # Fingerprints are stored in float32 where the tolerance is far above its rounding (6e-8):
-        # half the bytes, which matter for small samples (8 numbers per sample and block).
-        fp_dtype = torch.float32 if tol >= _FLOAT32_FINGERPRINTS else torch.float64
         records: list[_Record] = []
         anchor_at: list[int] = []
         anchor_tensors: list[torch.Tensor] = []
         fp_at: list[int] = []
         fp_tensors: list[torch.Tensor] = []
+        fp_tols: list[float] = []  # the tolerance each check has now: it sets the grid fingerprints are kept on
+        sens = chain.sensitivity if checking else None
         logdet: torch.Tensor | None = None
         h: torch.Tensor | Halves = x
         last_tape: RngTape | None = None  # the last block that drew: its end state may start the next
@@ -552,7 +556,8 @@ class _RevBackprop(torch.autograd.Function):
                 fp = None
             if fp is not None:
                 fp_at.append(i)
-                fp_tensors.append(fp.to(fp_dtype))
+                fp_tensors.append(fp)
+                fp_tols.append(tol if sens is None else sens.tol(i, tol))
             records.append(
                 _Record(h.shape, h.dtype, _nbytes(h), tape, BufferGuard.after(buffers, keep_after=not fused), modes,
                         ld is not None, fused, two_part, split_dim or 1)
@@ -567,7 +572,12 @@ class _RevBackprop(torch.autograd.Function):
         ctx.autocast = autocast
         ctx.anchor_at = anchor_at
         ctx.fp_at = fp_at
+        # Fingerprints as residues on a grid set by each check's tolerance (17 bytes per sample and
+        # block, see checks.py), encoded together once forward is done.
+        ctx.fp_store = FingerprintStore.encode(fp_tensors, fp_tols)
+        fp_tensors = ctx.fp_store.take_tensors()
         ctx.adaptive_at = adaptive
+        ctx.drift_used = drift
         ctx.regular = regular
         ctx.has_logdet = logdet is not None
         # Parameters changed in place before backward would be recomputed with their new values.
@@ -590,10 +600,10 @@ class _RevBackprop(torch.autograd.Function):
             )
         saved = ctx.saved_tensors  # raises if the graph was already freed or y was modified in place
         k = 1 + len(ctx.anchor_at)
-        y, anchors, fingerprints = saved[0], dict(zip(ctx.anchor_at, saved[1:k])), dict(zip(ctx.fp_at, saved[k:]))
+        y, anchors, fingerprints = saved[0], dict(zip(ctx.anchor_at, saved[1:k])), ctx.fp_store.put_tensors(saved[k:])
         chain: _Chain = ctx.chain
         _refuse_changed_state(chain, ctx.records, ctx.param_versions, "between forward and backward")
-        engine = _Backward(ctx, chain, anchors, fingerprints, deferred=_defer_checks(chain, y))
+        engine = _Backward(ctx, chain, dict(anchors), fingerprints, deferred=_defer_checks(chain, y))
         grad_logdet = rest[0] if ctx.has_logdet else None
         with ctx.autocast.replay():
             grad_x, grads, arg_grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
@@ -601,11 +611,13 @@ class _RevBackprop(torch.autograd.Function):
                 # A deferred check failed: what was derived below that block is wrong. Run the pass
                 # again with a check per block, which corrects from the anchors.
                 spent = engine.report.evaluations
-                engine = _Backward(ctx, chain, anchors, fingerprints, deferred=False)
+                engine = _Backward(ctx, chain, dict(anchors), fingerprints, deferred=False)
                 engine.report.evaluations, engine.report.deferred, engine.report.rerun = spent, True, True
                 grad_x, grads, arg_grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
         if engine.sens is not None:
             engine.sens.finish(engine.probing)
+        if chain.adaptive is not None and chain.config.check == "correct":
+            chain.adaptive.tick(ctx.drift_used)
         engine.publish()
         return (None, grad_x, *grads, *arg_grads)
 
@@ -671,7 +683,7 @@ class _Backward:
     """One backward pass through a chain (state that lives only while it runs)."""
 
     def __init__(
-        self, ctx, chain: _Chain, anchors: dict[int, torch.Tensor], fingerprints: dict[int, torch.Tensor],
+        self, ctx, chain: _Chain, anchors: dict[int, torch.Tensor], fingerprints: FingerprintStore,
         deferred: bool = False,
     ) -> None:
         self.chain = chain
@@ -682,10 +694,12 @@ class _Backward:
         self.param_versions: list[int] = ctx.param_versions
         self.anchors = anchors
         self.fingerprints = fingerprints
+        self.fp_row = {i: k for k, i in enumerate(ctx.fp_at)}  # block -> its row in the store
         self.adaptive_at: frozenset[int] = ctx.adaptive_at
         self.regular: frozenset[int] = ctx.regular
         self.tol: float = ctx.tol
         self.exact: dict[int, torch.Tensor] = {}
+        self.laid: set[int] = set()  # anchors a correction laid in this pass (freed once used)
         # The extra arguments: detached for evaluations without grad; with fresh leaves standing for
         # the tensors that require grad for the VJPs (their gradients are summed over the blocks).
         self.call_nograd = chain.call.detached()
@@ -704,6 +718,14 @@ class _Backward:
     def _tol(self, i: int) -> float:
         """The tolerance of block ``i``'s input: ``tol``, tightened by its VJPs' sensitivity."""
         return self.tol if self.sens is None else self.sens.tol(i, self.tol)
+
+    def _check_tol(self, i: int) -> float:
+        """The tolerance block ``i``'s rebuilt input is checked against its stored fingerprint with: its
+        tolerance, but never looser than what the grid forward stored it on measures exactly (a probe
+        in this pass may have loosened it)."""
+        row = self.fp_row.get(i)
+        tol = self._tol(i)
+        return tol if row is None else min(tol, self.fingerprints.limit(row))
 
     def run(self, y: torch.Tensor, grad_y: torch.Tensor | None, grad_logdet: torch.Tensor | None, need_x: bool):
         chain = self.chain
@@ -811,7 +833,7 @@ class _Backward:
     # -- step 1 and 2: the block's input, rebuilt and checked, or exact ---------------------------
 
     def _input_of(self, i, block, rec, y, bparams, gy) -> tuple[torch.Tensor, VJP | None]:
-        exact = self.anchors.get(i)
+        exact = self.anchors.pop(i) if i in self.laid else self.anchors.get(i)
         if exact is None:
             exact = self.exact.pop(i, None)
         if exact is not None and (i not in self.adaptive_at or self._tol(i) < _UNRESOLVABLE * self.tol):
@@ -841,22 +863,25 @@ class _Backward:
             self.report.from_adaptive.append(i)
             self.trusted.add(i)
             return exact, None
-        stored = self.fingerprints.get(i)
-        if stored is None:
+        row = self.fp_row.get(i)
+        if row is None:
             return x, vjp
-        # Rounded as the stored one was: an exact rebuild measures 0.
-        error = relative_error((_fingerprint(x) if fp is None else fp).to(stored.dtype), stored)
+        if fp is None:
+            fp = _fingerprint(x)
+        error = self.fingerprints.error(row, fp)
         if self.deferred:
             self.pending.append((i, error, False))  # go on as if clean; settle() decides
             return x, vjp
         err = self._measure(error, i)
-        tol = self._tol(i)
+        tol = self._check_tol(i)
         if not self._failed(not err <= tol):
+            self._note_drift(i, err, tol)
             return x, vjp
         if self.chain.config.check == "detect":
             raise ReconstructionError(self.chain.labels[i], block_type(block), err, tol,
                                       None if not err <= tol else _ANOTHER_RANK)
-        return self._correct(i, err, tol), None
+        exact = self._correct(i, err, tol, fp)
+        return exact, None
 
     def _rebuild(
         self, i, block, rec, y, bparams, gy, exact=None
@@ -868,7 +893,7 @@ class _Backward:
         self.report.evaluations += 1
         label = self.chain.labels[i]
         if rec.fused and bparams is not None:
-            wanted = exact is None and (i in self.fingerprints or i in self.adaptive_at)
+            wanted = exact is None and (i in self.fp_row or i in self.adaptive_at)
             request = FingerprintRequest(None) if wanted else None
             aliasing = self._aliases(i, bparams)
             call = self.call
@@ -913,19 +938,35 @@ class _Backward:
         for (i, _, _), value in zip(self.pending, values):
             value = math.inf if math.isnan(value) else value
             self.report.errors[i] = value
-            if not value <= self._tol(i):
+            if not value <= self._check_tol(i):
                 failed.append(i)
         if failed and self.chain.config.check == "detect":
             i = max(failed)
             raise ReconstructionError(
-                self.chain.labels[i], block_type(self.chain.blocks[i]), self.report.errors[i], self._tol(i)
+                self.chain.labels[i], block_type(self.chain.blocks[i]), self.report.errors[i], self._check_tol(i)
             )
         if failed:
             return False
         for i, _, adaptive in self.pending:
             if adaptive:
                 self.chain.adaptive.observe(i, True)
+            else:
+                self._note_drift(i, self.report.errors[i], self._check_tol(i))
         return True
+
+    def _note_drift(self, i: int, err: float, tol: float) -> None:
+        """A rebuilt input that passed with more than DRIFT of its tolerance: store it from the next step
+        on, so the rebuild restarts from exact values there (``anchors.DRIFT``)."""
+        adaptive = self.chain.adaptive
+        if adaptive is None or self.chain.config.check != "correct" or not err > DRIFT * tol:
+            return
+        if self.report.drifted:
+            # One per pass: the errors below a drifted activation grow from it; with an anchor there
+            # the next step measures them again, rebuilt from exact values, and places the next one.
+            return
+        regular_bytes = sum(self.records[a].nbytes for a in self.regular if a > 0)
+        if adaptive.drifted(i, self.records[i].nbytes, regular_bytes):
+            self.report.drifted.append(i)
 
     def _measure(self, err: torch.Tensor, i: int) -> float:
         value = float(err)  # one host sync per checked block: the decision needs it
@@ -934,18 +975,30 @@ class _Backward:
         self.report.errors[i] = value
         return value
 
-    def _correct(self, i: int, err: float, tol: float) -> torch.Tensor:
-        """Recompute block i's exact input from the nearest anchor below; cache the segment."""
+    def _correct(self, i: int, err: float, tol: float, rebuilt_fp: torch.Tensor | None = None) -> torch.Tensor:
+        """Recompute block i's exact input from the nearest anchor below, laying the regular anchors
+        on the way (forward did not store them, by default); cache the segment above the last one."""
         self.trusted.add(i)
         chain = self.chain
         start = max(a for a in self.anchors if a < i)
         h = self.anchors[start]
+        laid = {a for a in self.regular if start < a < i}
+        segment = max(laid, default=start)
         with torch.no_grad():
             for j in range(start, i):
                 aliasing = self._aliases(j, self._block_params(j), grad=False)
                 with self._as_in_forward(j), aliasing, self.records[j].replay():
                     h, _ = chain.direction.run(chain.blocks[j], chain.labels[j], h, self.call_nograd)
-                self.exact[j + 1] = h
+                if j + 1 in laid:
+                    self.anchors[j + 1] = h
+                    self.laid.add(j + 1)
+                elif j + 1 > segment:
+                    self.exact[j + 1] = h
+        if rebuilt_fp is not None and err > MEASURED_EXACTLY * tol:
+            # Above that range a stored fingerprint measures a wrapped residue (a lower bound, checks.py):
+            # with the exact input at hand, report the true error.
+            err = float(relative_error(rebuilt_fp, _fingerprint(self._form(self.records[i])(self.exact[i]))))
+            self.report.errors[i] = math.inf if math.isnan(err) else err
         evals = i - start
         self.report.evaluations += evals
         self.report.correction_evaluations += evals
@@ -1013,6 +1066,8 @@ class _Backward:
         self.sens.observe(key, s)
         self.report.sensitivity[i] = s
         bound = self.tol * min(1.0, BUDGET / s) if s > 0 else self.tol
+        if key in self.fp_row:  # never looser than the grid its fingerprint was stored on measures
+            bound = min(bound, self.fingerprints.limit(self.fp_row[key]))
         if not self._failed(rebuilt and not math.isnan(err) and not err <= bound):
             return x, gx, gps
         chain = self.chain

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .checks import MEASURED_EXACTLY
+
 __all__ = ["BlockError", "ReconstructionError"]
 
 
@@ -18,8 +20,11 @@ class ReconstructionError(RuntimeError):
         self.error = error
         self.tol = tol
         why = why or "its inverse is numerically unstable here"
+        # Errors far above the tolerance are measured as a lower bound (stored fingerprints keep
+        # residues, revgrad.engine.checks).
+        at_least = "at least " if error > MEASURED_EXACTLY * tol else ""
         super().__init__(
-            f"revgrad: block {block} ({block_type}) rebuilt its input with relative error {error:.3g} "
+            f"revgrad: block {block} ({block_type}) rebuilt its input with relative error {at_least}{error:.3g} "
             f"(tolerance {tol:.3g}); {why}. Use check='correct' to recompute such inputs exactly "
             "from stored anchors."
         )

@@ -15,7 +15,8 @@ class BackwardReport:
     Attributes:
         errors: per block, the relative reconstruction error measured for its rebuilt input
             (largest over the batch); ``inf`` when the rebuilt input held NaN or Inf; NaN where
-            nothing was measured (anchored input, ``check="off"``).
+            nothing was measured (anchored input, ``check="off"``). Errors above 16 x ``tol`` may be
+            a lower bound (stored fingerprints keep residues); a corrected block's is the true one.
         corrected: indices of blocks whose rebuilt input failed the check and was replaced by an
             exact recomputation from an anchor.
         from_adaptive: indices of blocks whose rebuilt input failed the check and was replaced by the
@@ -38,6 +39,9 @@ class BackwardReport:
         sensitivity: on a probed backward, per block, how many times as much (relative) its VJP
             moved as the activation it is computed from (NaN where that activation was exact);
             empty otherwise. A block whose activation was too far for that is corrected.
+        drifted: blocks whose rebuilt input passed its check with more than a quarter of its
+            tolerance: their input is stored in the next steps and used as exact (drift anchors,
+            :mod:`revgrad.engine.anchors`), so rebuilt errors do not compound past them.
     """
 
     errors: list[float]
@@ -53,6 +57,7 @@ class BackwardReport:
     rerun: bool = False
     probed: bool = False
     sensitivity: list[float] = field(default_factory=list)
+    drifted: list[int] = field(default_factory=list)
 
     @property
     def max_error(self) -> float:
@@ -66,6 +71,7 @@ class BackwardReport:
             f"blocks={len(self.errors) if self.num_blocks is None else self.num_blocks}, "
             f"max_error={worst:.3g}, corrected={self.corrected}, "
             + (f"from_adaptive={self.from_adaptive}, " if self.from_adaptive else "")
+            + (f"drifted={self.drifted}, " if self.drifted else "")
             + f"evaluations={self.evaluations}, "
             f"correction_evaluations={self.correction_evaluations}, anchors={self.anchors}"
             + (", deferred" if self.deferred else "") + (", rerun" if self.rerun else "")

@@ -46,7 +46,9 @@ class ReversibleSequential(nn.Sequential):
             by exact recomputations from anchors when they drifted; ``"detect"``: a drifted input
             raises :class:`revgrad.ReconstructionError`; ``"off"``: classic reversible backprop.
         tol: relative reconstruction error allowed (``None``: a default per compute dtype).
-        anchor_every: store every k-th block input (``None``: ``ceil(sqrt(N))``; ``"correct"`` only).
+        anchor_every: ``None`` (default): forward stores only the chain's input; a correction lays
+            anchors every ``ceil(sqrt(N))`` blocks as it recomputes. ``k``: forward stores every k-th
+            block input (``"correct"`` only): memory held for cheaper corrections.
         preserve_rng_state: replay random numbers (dropout) exactly in backward.
         warn: warn and log on each correction.
         adaptive_budget: bytes that adaptive anchors may hold (``None``: as many as the regular
@@ -245,6 +247,7 @@ class ReversibleSequential(nn.Sequential):
             merged.errors[start : start + len(rep.errors)] = rep.errors
             merged.corrected += [start + i for i in rep.corrected]
             merged.from_adaptive += [start + i for i in rep.from_adaptive]
+            merged.drifted += [start + i for i in rep.drifted]
             merged.anchors += [start + i for i in rep.anchors]
             merged.evaluations += rep.evaluations
             merged.correction_evaluations += rep.correction_evaluations
