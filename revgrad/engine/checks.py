@@ -149,6 +149,22 @@ class FingerprintStore:
         self.groups = groups
         self.where = where
         self.tols = tols
+        self._inverse: dict[int, torch.Tensor] = {}  # per group: 1 / delta, [rows, B, 1] float64
+
+    def _inverse_deltas(self, g: int) -> torch.Tensor:
+        """``1 / delta`` of every sample of group ``g`` (made once per backward, when first needed:
+        one lookup for all rows instead of one per check)."""
+        inverse = self._inverse.get(g)
+        if inverse is None:
+            group = self.groups[g]
+            codes = group.tensors[1].long()
+            if len(set(group.bits)) == 1:
+                inverse = _scales(group.bits[0], codes.device)[codes]
+            else:
+                tables = torch.stack([_scales(b, codes.device) for b in group.bits])  # [rows, 256]
+                inverse = tables.gather(1, codes)
+            inverse = self._inverse[g] = inverse.unsqueeze(-1)
+        return inverse
 
     @classmethod
     def encode(cls, fps: list[torch.Tensor], tols: list[float]) -> FingerprintStore:
@@ -199,11 +215,11 @@ class FingerprintStore:
         group = self.groups[g]
         if group.exact:
             return relative_error(rebuilt, group.tensors[0][row])
-        codes, exps = group.tensors[0][row], group.tensors[1][row]
         bits = group.bits[row]
         # Few ops on [B, 8] tensors: this runs once per checked block in backward, where per-op
         # overhead is most of its cost on small samples.
-        u = rebuilt * _scales(bits, rebuilt.device)[exps.int()].unsqueeze(-1)  # f' / delta
+        u = rebuilt * self._inverse_deltas(g)[row]  # f' / delta
+        codes = group.tensors[0][row]
         # (u - c - 2^15) mod 2^16 - 2^15 = (u - stored residue) wrapped into [-2^15, 2^15)
         d = torch.remainder(u - codes, _WRAP).sub_(_HALF)
         norm = torch.linalg.vector_norm(u, dim=1).clamp(2.0 ** (bits - 3), math.sqrt(rebuilt.shape[1]) * 2.0**bits)
