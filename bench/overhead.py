@@ -171,6 +171,8 @@ def small_blocks(rounds: int) -> list[dict[str, Any]]:
         "revgrad-off": revgrad.ReversibleSequential(*blocks, check="off"),
         "revgrad-correct": revgrad.ReversibleSequential(*blocks, check="correct"),
         "revgrad-correct (no probes)": revgrad.ReversibleSequential(*blocks, check="correct", probe_every=0),
+        # ceil(sqrt(26)) = 6: the regular anchors a correction would lay, stored in forward instead.
+        "revgrad-correct (anchors in forward)": revgrad.ReversibleSequential(*blocks, check="correct", anchor_every=6),
     }
 
     class Step:

@@ -17,8 +17,10 @@ Drift anchors: rebuilt from the top, float32 errors compound along a long chain 
 rebuilt from an output that was itself rebuilt), up to the tolerance before a check fails; a regular
 anchor stored in forward would have restarted the rebuild from exact values. So a block whose rebuilt
 input passed its check but with more than ``DRIFT`` of its tolerance has its input stored in the
-following steps, used as exact (the rebuild restarts there), within the same byte budget, and
-released after ``release_after`` steps to measure the drift again.
+following steps, used as exact (the rebuild restarts there), within the same byte budget, where a
+failing block's adaptive anchor outranks it. One is laid per backward pass (the errors below it grow
+from it: the next step measures them again from exact values); one at a time, those used
+``release_after`` times are released so their drift is measured again.
 """
 
 from __future__ import annotations
@@ -75,9 +77,10 @@ class AdaptiveAnchors:
         return frozenset(self.drift_steps)
 
     def drifted(self, index: int, nbytes: int, regular_bytes: int) -> bool:
-        """Store ``index``'s input from the next step on (its rebuild drifted), if the budget allows."""
+        """Store ``index``'s input from the next step on (its rebuild drifted), if the budget allows.
+        Returns whether a new drift anchor was laid."""
         if index in self.clean_runs or index in self.drift_steps:
-            return True
+            return False
         if sum(self.sizes.values()) + nbytes > self._budget(regular_bytes, nbytes):
             return False
         self.drift_steps[index] = 0
@@ -85,13 +88,30 @@ class AdaptiveAnchors:
         return True
 
     def tick(self, used: frozenset[int]) -> None:
-        """A backward pass done whose forward stored the drift anchors ``used``: release those held
-        ``release_after`` steps."""
+        """A backward pass done whose forward stored the drift anchors ``used``. Of those used
+        ``release_after`` times, release one (the longest held): the next step measures its drift
+        again, while the others still restart the rebuild (all at once would let errors compound
+        along the whole chain in that step)."""
         for index in used & self.drift_steps.keys():
             self.drift_steps[index] += 1
-            if self.drift_steps[index] >= self.release_after:
-                del self.drift_steps[index]
-                del self.sizes[index]
+        due = [i for i, uses in self.drift_steps.items() if uses >= self.release_after]
+        if due:
+            self._drop(max(due, key=self.drift_steps.__getitem__))
+
+    def refresh(self, nbytes: dict[int, int], regular_bytes: int) -> None:
+        """This step's bytes of the held anchors (the batch may have changed since they were laid):
+        while they exceed the budget, release drift anchors (the newest first), then adaptive ones."""
+        for index in self.sizes.keys() & nbytes.keys():
+            self.sizes[index] = nbytes[index]
+        budget = self._budget(regular_bytes, max(self.sizes.values(), default=0))  # one always fits
+        while sum(self.sizes.values()) > budget and self.sizes:
+            pool = self.drift_steps if self.drift_steps else self.clean_runs
+            self._drop(min(pool, key=pool.__getitem__))
+
+    def _drop(self, index: int) -> None:
+        self.drift_steps.pop(index, None)
+        self.clean_runs.pop(index, None)
+        del self.sizes[index]
 
     def _budget(self, regular_bytes: int, candidate_bytes: int) -> int:
         if self.budget_bytes is not None:
@@ -104,9 +124,12 @@ class AdaptiveAnchors:
             self.clean_runs[index] = 0
             return True
         if index in self.drift_steps:  # a failure outranks drift: its rebuild is measured again
-            del self.drift_steps[index]
-            del self.sizes[index]
-        if sum(self.sizes.values()) + nbytes > self._budget(regular_bytes, nbytes):
+            self._drop(index)
+        budget = self._budget(regular_bytes, nbytes)
+        # Failures outrank drift: drift anchors (the newest first) make room for a failing block.
+        while sum(self.sizes.values()) + nbytes > budget and self.drift_steps:
+            self._drop(min(self.drift_steps, key=self.drift_steps.__getitem__))
+        if sum(self.sizes.values()) + nbytes > budget:
             return False
         self.clean_runs[index] = 0
         self.sizes[index] = nbytes
@@ -121,13 +144,8 @@ class AdaptiveAnchors:
             return
         self.clean_runs[index] += 1
         if self.clean_runs[index] >= self.release_after:
-            del self.clean_runs[index]
-            del self.sizes[index]
+            self._drop(index)
 
     def forget_beyond(self, num_blocks: int) -> None:
-        for index in [i for i in self.clean_runs if i >= num_blocks]:
-            del self.clean_runs[index]
-            del self.sizes[index]
-        for index in [i for i in self.drift_steps if i >= num_blocks]:
-            del self.drift_steps[index]
-            del self.sizes[index]
+        for index in [i for i in self.sizes if i >= num_blocks]:
+            self._drop(index)

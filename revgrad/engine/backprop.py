@@ -617,6 +617,9 @@ class _RevBackprop(torch.autograd.Function):
         if engine.sens is not None:
             engine.sens.finish(engine.probing)
         if chain.adaptive is not None and chain.config.check == "correct":
+            held = chain.adaptive.sizes.keys() & range(len(ctx.records))
+            regular_bytes = sum(ctx.records[a].nbytes for a in ctx.regular if a > 0)
+            chain.adaptive.refresh({i: ctx.records[i].nbytes for i in held}, regular_bytes)
             chain.adaptive.tick(ctx.drift_used)
         engine.publish()
         return (None, grad_x, *grads, *arg_grads)
@@ -1006,6 +1009,8 @@ class _Backward:
         if chain.adaptive is not None:
             regular_bytes = sum(self.records[a].nbytes for a in self.regular if a > 0)
             chain.adaptive.promote(i, self.records[i].nbytes, regular_bytes)
+            if i in self.report.drifted:  # laid for drift earlier in this pass, now for a failure
+                self.report.drifted.remove(i)
         if chain.config.warn:
             msg = (
                 f"revgrad: {block_name(chain.labels[i], chain.blocks[i])} rebuilt its input with relative "

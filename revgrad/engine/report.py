@@ -39,9 +39,10 @@ class BackwardReport:
         sensitivity: on a probed backward, per block, how many times as much (relative) its VJP
             moved as the activation it is computed from (NaN where that activation was exact);
             empty otherwise. A block whose activation was too far for that is corrected.
-        drifted: blocks whose rebuilt input passed its check with more than a quarter of its
-            tolerance: their input is stored in the next steps and used as exact (drift anchors,
-            :mod:`revgrad.engine.anchors`), so rebuilt errors do not compound past them.
+        drifted: the block (at most one per pass) whose rebuilt input passed its check with more
+            than a third of its tolerance and now gets a drift anchor: its input is stored in the
+            next steps and used as exact (:mod:`revgrad.engine.anchors`), so rebuilt errors do not
+            compound past it.
     """
 
     errors: list[float]
