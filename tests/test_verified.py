@@ -624,3 +624,54 @@ def _plain_grads(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     xx = x.clone().requires_grad_()
     scalar_loss(plain_chain(list(net), xx)).backward()
     return [xx.grad, *(p.grad for p in net.parameters())]
+
+
+def test_drift_anchors_give_way_to_failures_and_to_the_budget():
+    """The byte budget is shared: a failing block's anchor evicts drift anchors (the newest first);
+    when held anchors grow (a larger batch) drift anchors go first; one due drift anchor is released
+    per step; an index already held is not laid again."""
+    from revgrad.engine.anchors import AdaptiveAnchors
+
+    state = AdaptiveAnchors(budget_bytes=300, release_after=2)
+    assert state.drifted(5, 100, 0) and state.drifted(9, 100, 0) and state.drifted(12, 100, 0)
+    assert not state.drifted(9, 100, 0)  # already held
+    assert not state.drifted(14, 100, 0)  # over the budget
+    state.tick(frozenset({5, 9, 12}))
+    state.tick(frozenset({9, 12}))  # 9 and 12 have 2 uses now, 5 has 1
+    assert state.drift_indices == {5, 12}  # one released per step: of those due, the first laid
+    assert state.promote(3, 150, 0)  # a failure: drift anchors make room, the newest (least used) first
+    assert state.indices == {3} and state.drift_indices == {12}
+    state.refresh({3: 300, 12: 200}, 0)  # the batch doubled: over the budget, drift anchors go first
+    assert state.drift_indices == frozenset() and state.indices == {3}
+    state.refresh({3: 400}, 0)  # larger than the budget itself: released
+    assert state.indices == frozenset()
+    # The default budget (the regular anchors' bytes) always lets one anchor fit, as promote does.
+    default = AdaptiveAnchors()
+    assert default.promote(1, 100, 0)
+    default.refresh({1: 400}, 0)
+    assert default.indices == {1}
+
+
+def test_an_adaptive_anchor_is_used_even_when_its_rebuild_passes():
+    """Once a block holds an adaptive anchor, backward differentiates at the stored input, also in
+    steps where the rebuild is within tolerance (it is only measured, to release the anchor): float64
+    gradients equal plain autograd's to rounding, not to the rebuild's error (0.5 tol)."""
+    net = _drifting_chain("inverse-off-by-1%").double()
+    bad = net[4]
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    _assert_drifting_premise(net, x)
+    model = revgrad.reversible(copy.deepcopy(net), probe_every=0)
+    first = _step(model, x.clone().requires_grad_())
+    assert first.corrected == [4]
+    tol = revgrad.default_tol(torch.float64)
+    model[4].inverse_error = bad.inverse_error = 0.5 * tol  # now its rebuild passes, off by half the tolerance
+    assert tol / 10 <= reconstruction_errors(net, x)[4] <= tol  # premise
+    gx_ref, gp_ref = _reference_grads(net, x)
+    model.zero_grad(set_to_none=True)
+    xx = x.clone().requires_grad_()
+    second = _step(model, xx)
+    assert 4 in second.anchors and second.corrected == [] and second.from_adaptive == []
+    assert tol / 10 <= second.errors[4] <= tol  # measured, passed, not used
+    assert_rel_close(xx.grad, gx_ref, 1e-13, "input grad")
+    for i, (p, e) in enumerate(zip(model.parameters(), gp_ref)):
+        assert_rel_close(p.grad, e, 1e-13, f"param {i} grad")

@@ -9,8 +9,8 @@ stores them in forward, about ``N / k`` activations held for corrections that ne
 Adaptive anchors: a block whose rebuilt input failed the check in one step is likely to fail in the
 next, and each failure costs a recomputation from the anchor below. Such a block's input is stored
 in the following steps too, while the bytes of all adaptive anchors stay within a budget. Backward
-still rebuilds that input through the inverse and compares it with the stored one (free for fused
-couplings, whose inverse is also their recompute), and the anchor is released after
+uses the stored input (it also restarts the rebuild below from exact values), and rebuilds it through
+the inverse only to measure it against the stored one: the anchor is released after
 ``release_after`` consecutive clean steps.
 
 Drift anchors: rebuilt from the top, float32 errors compound along a long chain (each activation is

@@ -853,18 +853,24 @@ class _Backward:
 
         x, vjp, fp = self._rebuild(i, block, rec, y, bparams, gy)
         if exact is not None:
-            # An adaptive anchor: measure against the truth itself, keep the anchor's value on failure.
+            # An adaptive anchor: its rebuild is measured against the truth itself, to decide when to
+            # release it; what the VJP uses is the stored input. A rebuild within its tolerance can
+            # still be off along a direction the VJP is sensitive to (a probe moves the activation in
+            # random directions; rebuild errors follow the inverse's ill-conditioned ones), and the
+            # exact input also restarts the rebuild of the blocks below from exact values.
             error = relative_error(_fingerprint(x) if fp is None else fp, _fingerprint(self._form(rec)(exact)))
             if self.deferred:
                 self.pending.append((i, error, True))
-                return x, vjp
-            err = self._measure(error, i)
-            clean = err <= self._tol(i)
-            self.chain.adaptive.observe(i, clean)
-            if clean:
-                return x, vjp
-            self.report.from_adaptive.append(i)
+            else:
+                err = self._measure(error, i)
+                clean = err <= self._tol(i)
+                self.chain.adaptive.observe(i, clean)
+                if not clean:
+                    self.report.from_adaptive.append(i)
+            x = vjp = None
             self.trusted.add(i)
+            if rec.fused and bparams is not None and _accepts(block, "exact"):
+                return self._rebuild(i, block, rec, y, bparams, gy, exact)[:2]
             return exact, None
         row = self.fp_row.get(i)
         if row is None:

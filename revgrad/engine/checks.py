@@ -22,7 +22,8 @@ must not become a false alarm on an all-zero sample).
 ``P`` follows the tolerance: ``2^-P`` is the power of two in ``(tol / 566, tol / 283]``, so for every ``tol``:
 
 - *resolution*: the stored rounding moves the measured error by at most ``sqrt(8) 2^-P <= tol / 100``
-  (relative: ``||f|| >= max_j |f_bj| >= 2^(e-1)``);
+  (relative: ``||f|| >= max_j |f_bj| >= 2^(e-1)``; for a sample stored on the batch's floor, relative
+  to that floor: ``tol / 12``);
 - *range*: an error below ``2^15 delta_b`` in every direction is measured exactly, and since
   ``||f|| <= sqrt(8) 2^e``, every error up to ``2^15 2^-P / sqrt(8) >= 20 tol`` (relative) is;
 - *larger errors* wrap: each residue lands anywhere in its range of ``2^16 delta_b``, independently
@@ -32,10 +33,10 @@ must not become a false alarm on an all-zero sample).
   through its larger norm: the denominator's clamp keeps a grown sample's wrapped residue measured
   against the stored scale; one that shrank (to 0) is measured against 1/8 of its least.
 
-The bound holds for a check at the tolerance the grid was made for, and fails quickly for looser
-ones (a check at 10 tol passes a wrapped residue about one time in 100), so a row is never checked
+The bound holds for a check at the tolerance the grid was made for and degrades fast for looser ones
+(the 8th power: at 20 tol about one wrapped residue in 80 would pass), so a row is never checked
 against more than its own tolerance (:meth:`FingerprintStore.limit`): a probe that loosens a
-tolerance after forward took effect from the next forward on.
+tolerance after forward takes effect from the next forward on.
 
 17 bytes per sample and block instead of 32 (8 float32 values): what matters for small samples (a
 64-value sample is 256 bytes). A sample whose fingerprint was not finite, or beyond ``2^127`` or below

@@ -19,9 +19,10 @@ class BackwardReport:
             a lower bound (stored fingerprints keep residues); a corrected block's is the true one.
         corrected: indices of blocks whose rebuilt input failed the check and was replaced by an
             exact recomputation from an anchor.
-        from_adaptive: indices of blocks whose rebuilt input failed the check and was replaced by the
-            input an adaptive anchor stored in forward (no recomputation needed). Every block whose
-            error exceeds ``tol`` is in ``corrected`` or here (``check="correct"``).
+        from_adaptive: indices of blocks whose rebuilt input failed the check against the input an
+            adaptive anchor stored in forward (which backward uses in any case: no recomputation
+            needed). Every block whose error exceeds ``tol`` is in ``corrected`` or here
+            (``check="correct"``).
         evaluations: block evaluations spent in backward (inverse or forward, with or without grad).
             Plain reversible backprop spends 1 per fused block and 2 per other block.
         correction_evaluations: of those, the forward evaluations spent recomputing from anchors.

@@ -51,9 +51,10 @@ class ReversibleSequential(nn.Sequential):
             block input (``"correct"`` only): memory held for cheaper corrections.
         preserve_rng_state: replay random numbers (dropout) exactly in backward.
         warn: warn and log on each correction.
-        adaptive_budget: bytes that adaptive anchors may hold (``None``: as many as the regular
-            anchors); ``0`` disables adaptive anchors.
-        release_after: clean steps after which an adaptive anchor is released.
+        adaptive_budget: bytes that adaptive and drift anchors may hold together (``None``: as many
+            as the regular anchors would); ``0`` disables both.
+        release_after: clean steps after which an adaptive anchor is released; uses after which a
+            drift anchor is (one at a time).
         graph_budget: bytes of autograd graphs the last blocks may hold instead of being recomputed
             in backward (faster; measured per block in backward, kept from the next step on; see
             :mod:`revgrad.engine.graph_budget`). 0 (default): every block is reversible.
