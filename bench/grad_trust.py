@@ -8,7 +8,8 @@ same weights and batch is compared with plain autograd's (relative L2 over all p
 
 - ``off``: classic reversible backprop (no check);
 - ``input-only``: ``check="correct"`` with ``probe_every=0`` (rebuilt activations checked against ``tol``);
-- ``correct``: the default, gradient-aware (``probe_every=20``, :mod:`revgrad.engine.sensitivity`).
+- ``correct``: the default, gradient-aware (``probe_every=20``, :mod:`revgrad.engine.sensitivity`);
+- ``anchors in forward``: the default with ``anchor_every=6`` (regular anchors stored in forward).
 
 Every provider keeps its own state (adaptive anchors, sensitivities) across the run, as a wrapper
 built once would. Then the step times, providers interleaved, as paired ratios to ``off``.
@@ -39,6 +40,8 @@ PROVIDERS = {
     "off": {"check": "off"},
     "input-only": {"check": "correct", "probe_every": 0},
     "correct": {"check": "correct"},
+    # The 26-block flow's regular anchors (every ceil(sqrt(26)) = 6 blocks) stored in forward.
+    "anchors in forward": {"check": "correct", "anchor_every": 6},
 }
 
 
@@ -182,7 +185,12 @@ def stage_truth(blocks: int = 12) -> dict[str, float]:
     return rows
 
 
-def drift(depths: tuple[int, ...] = (24, 40, 64), seeds: int = 2, steps: int = 10) -> list[dict]:
+# (couplings, chain seed, input seed): 24 couplings = 32 blocks, 40 = 53, 64 = 85. (40, 0, 0) is
+# tests/test_verified.py's drifting chain: rebuilt from the top its inputs reach tol near block 17.
+DRIFT_CASES = ((24, 0, 100), (24, 1, 101), (40, 0, 0), (40, 0, 100), (40, 1, 101), (64, 0, 100))
+
+
+def drift(cases: tuple[tuple[int, int, int], ...] = DRIFT_CASES, steps: int = 10) -> list[dict]:
     """Deep healthy float32 chains (``tests/chains.py``'s ``healthy_chain``: additive and affine
     couplings, flips), rebuilt from the top by default: each provider's gradient (input and parameters)
     after ``steps`` steps at the same weights and input, against the float64 truth, beside plain float32
@@ -206,30 +214,29 @@ def drift(depths: tuple[int, ...] = (24, 40, 64), seeds: int = 2, steps: int = 1
         return [xx.grad.double(), *(p.grad.double() for p in model.parameters())], run
 
     rows = []
-    for depth in depths:
-        for seed in range(seeds):
-            net = healthy_chain(depth, channels=6, seed=seed)
-            torch.manual_seed(100 + seed)
-            x = torch.randn(3, 6, 5, 5)
-            truth, _ = grads(copy.deepcopy(net).double(), x.double())
-            n = len(list(net))
-            providers = {"plain float32": (None, None), "rebuilt from the top": ({}, math.inf),
-                         "default (drift anchors)": ({}, None),
-                         "anchors in forward": ({"anchor_every": math.ceil(math.sqrt(n))}, math.inf)}
-            for name, (options, threshold) in providers.items():
-                saved = engine.DRIFT
-                engine.DRIFT = saved if threshold is None else threshold
-                try:
-                    got, model = grads(net, x, options)
-                finally:
-                    engine.DRIFT = saved
-                report = getattr(model, "last_report", None)
-                rows.append({
-                    "blocks": n, "seed": seed, "provider": name,
-                    "worst_tensor": max(relative(a, b) for a, b in zip(got, truth)),
-                    "whole": relative(torch.cat([g.flatten() for g in got]), torch.cat([t.flatten() for t in truth])),
-                    "anchors": [] if report is None else report.anchors,
-                })
+    for depth, seed, input_seed in cases:
+        net = healthy_chain(depth, channels=6, seed=seed)
+        torch.manual_seed(input_seed)
+        x = torch.randn(3, 6, 5, 5)
+        truth, _ = grads(copy.deepcopy(net).double(), x.double())
+        n = len(list(net))
+        providers = {"plain float32": (None, None), "rebuilt from the top": ({}, math.inf),
+                     "default (drift anchors)": ({}, None),
+                     "anchors in forward": ({"anchor_every": math.ceil(math.sqrt(n))}, math.inf)}
+        for name, (options, threshold) in providers.items():
+            saved = engine.DRIFT
+            engine.DRIFT = saved if threshold is None else threshold
+            try:
+                got, model = grads(net, x, options)
+            finally:
+                engine.DRIFT = saved
+            report = getattr(model, "last_report", None)
+            rows.append({
+                "blocks": n, "seed": seed, "input_seed": input_seed, "provider": name,
+                "worst_tensor": max(relative(a, b) for a, b in zip(got, truth)),
+                "whole": relative(torch.cat([g.flatten() for g in got]), torch.cat([t.flatten() for t in truth])),
+                "anchors": [] if report is None else report.anchors,
+            })
     return rows
 
 
@@ -255,11 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.drift:
         torch.set_num_threads(args.threads)
         rows = drift()
-        print("| blocks | seed | provider | worst tensor vs float64 truth | whole gradient | anchors (last step) |")
+        print("| blocks | seeds (chain, input) | provider | worst tensor vs float64 truth | whole gradient | "
+              "anchors (last step) |")
         print("|---:|---:|---|---:|---:|---|")
         for r in rows:
-            print(f"| {r['blocks']} | {r['seed']} | {r['provider']} | {r['worst_tensor']:.2e} | {r['whole']:.2e} | "
-                  f"{r['anchors']} |")
+            print(f"| {r['blocks']} | {r['seed']}, {r['input_seed']} | {r['provider']} | "
+                  f"{r['worst_tensor']:.2e} | {r['whole']:.2e} | {r['anchors']} |")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(rows, indent=1))

@@ -55,8 +55,8 @@ class AdaptiveAnchors:
     """Blocks promoted to anchors after a failed check, and their runs of clean steps.
 
     Args:
-        budget_bytes: most bytes the adaptive anchors may hold together; ``None`` allows as many
-            bytes as the regular anchors above block 0 hold (at least one block input).
+        budget_bytes: most bytes the adaptive and drift anchors may hold together; ``None`` allows
+            twice the bytes of the regular anchors above block 0 (at least one block input).
         release_after: consecutive clean steps after which an adaptive anchor is released.
     """
 
@@ -116,7 +116,9 @@ class AdaptiveAnchors:
     def _budget(self, regular_bytes: int, candidate_bytes: int) -> int:
         if self.budget_bytes is not None:
             return self.budget_bytes
-        return max(regular_bytes, candidate_bytes)
+        # Twice the regular anchors: what the regular and adaptive anchors could hold together when
+        # the regular ones were stored in forward; failing blocks and drift both draw on it.
+        return max(2 * regular_bytes, candidate_bytes)
 
     def promote(self, index: int, nbytes: int, regular_bytes: int) -> bool:
         """Keep ``index``'s input from the next step on, if the budget allows. Returns whether it does."""

@@ -51,8 +51,8 @@ class ReversibleSequential(nn.Sequential):
             block input (``"correct"`` only): memory held for cheaper corrections.
         preserve_rng_state: replay random numbers (dropout) exactly in backward.
         warn: warn and log on each correction.
-        adaptive_budget: bytes that adaptive and drift anchors may hold together (``None``: as many
-            as the regular anchors would); ``0`` disables both.
+        adaptive_budget: bytes that adaptive and drift anchors may hold together (``None``: twice
+            what the regular anchors would); ``0`` disables both.
         release_after: clean steps after which an adaptive anchor is released; uses after which a
             drift anchor is (one at a time).
         graph_budget: bytes of autograd graphs the last blocks may hold instead of being recomputed
