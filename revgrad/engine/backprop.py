@@ -944,10 +944,10 @@ class _Backward:
             return True
         values = torch.stack([e.to(torch.float64) for _, e, _ in self.pending]).tolist()
         failed = []
-        for (i, _, _), value in zip(self.pending, values):
+        for (i, _, adaptive), value in zip(self.pending, values):
             value = math.inf if math.isnan(value) else value
             self.report.errors[i] = value
-            if not value <= self._check_tol(i):
+            if not adaptive and not value <= self._check_tol(i):  # an adaptive anchor's input was used
                 failed.append(i)
         if failed and self.chain.config.check == "detect":
             i = max(failed)
@@ -958,7 +958,10 @@ class _Backward:
             return False
         for i, _, adaptive in self.pending:
             if adaptive:
-                self.chain.adaptive.observe(i, True)
+                clean = self.report.errors[i] <= self._tol(i)
+                self.chain.adaptive.observe(i, clean)
+                if not clean:
+                    self.report.from_adaptive.append(i)
             else:
                 self._note_drift(i, self.report.errors[i], self._check_tol(i))
         return True
