@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+from reproduce import batch_order  # the classifier experiment's minibatch order (a sibling script)
 from torch import nn
 
 from revgrad import ood_probes
@@ -315,13 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_digits_levels()
     x_test = flow_input(data.x_test, torch.Generator().manual_seed(FLOW_TEST_NOISE_SEED))
     probes = ood_probes(x_test, seed=args.seed)
-    g = torch.Generator().manual_seed(args.seed)
-    n = data.x_train.shape[0]
-    order: list[torch.Tensor] = []
-    while len(order) < args.steps:
-        perm = torch.randperm(n, generator=g)
-        order += [perm[i : i + args.batch_size] for i in range(0, n - args.batch_size + 1, args.batch_size)]
-    order = order[: args.steps]
+    order = batch_order(data.x_train.shape[0], args.batch_size, args.steps, args.seed)
 
     results = []
     t0 = time.perf_counter()

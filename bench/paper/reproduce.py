@@ -113,6 +113,16 @@ def accuracy(model, x: torch.Tensor, y: torch.Tensor) -> float:
     return float((logits.argmax(1) == y).float().mean())
 
 
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> list[torch.Tensor]:
+    """``steps`` minibatches of sample indices: epochs of a seeded permutation of ``n``, full batches only."""
+    g = torch.Generator().manual_seed(seed)
+    order: list[torch.Tensor] = []
+    while len(order) < steps:
+        perm = torch.randperm(n, generator=g)
+        order += [perm[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+    return order[:steps]
+
+
 def train_run(run: str, args, data, order: list[torch.Tensor]) -> dict:
     cfg = _config(run)
     torch.manual_seed(args.seed)  # same initial weights for runs with the same coupling
@@ -256,13 +266,7 @@ def main(argv: list[str] | None = None) -> None:
     data = load_digits_data()
     if args.dtype == "float64":
         data = type(data)(**{k: (v.double() if v.is_floating_point() else v) for k, v in vars(data).items()})
-    g = torch.Generator().manual_seed(args.seed)
-    n = data.x_train.shape[0]
-    order: list[torch.Tensor] = []
-    while len(order) < args.steps:
-        perm = torch.randperm(n, generator=g)
-        order += [perm[i : i + args.batch_size] for i in range(0, n - args.batch_size + 1, args.batch_size)]
-    order = order[: args.steps]
+    order = batch_order(data.x_train.shape[0], args.batch_size, args.steps, args.seed)
 
     results = []
     t0 = time.perf_counter()

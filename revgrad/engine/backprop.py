@@ -618,11 +618,15 @@ class _RevBackprop(torch.autograd.Function):
             engine.sens.finish(engine.probing)
         if chain.adaptive is not None and chain.config.check == "correct":
             held = chain.adaptive.sizes.keys() & range(len(ctx.records))
-            regular_bytes = sum(ctx.records[a].nbytes for a in ctx.regular if a > 0)
-            chain.adaptive.refresh({i: ctx.records[i].nbytes for i in held}, regular_bytes)
+            chain.adaptive.refresh({i: ctx.records[i].nbytes for i in held}, _regular_bytes(ctx.records, ctx.regular))
             chain.adaptive.tick(ctx.drift_used)
         engine.publish()
         return (None, grad_x, *grads, *arg_grads)
+
+
+def _regular_bytes(records: list[_Record], regular: frozenset[int]) -> int:
+    """Bytes the regular anchors above block 0 hold (stored or laid): what the adaptive budget scales with."""
+    return sum(records[a].nbytes for a in regular if a > 0)
 
 
 def _refuse_changed_state(
@@ -976,8 +980,7 @@ class _Backward:
             # One per pass: the errors below a drifted activation grow from it; with an anchor there
             # the next step measures them again, rebuilt from exact values, and places the next one.
             return
-        regular_bytes = sum(self.records[a].nbytes for a in self.regular if a > 0)
-        if adaptive.drifted(i, self.records[i].nbytes, regular_bytes):
+        if adaptive.drifted(i, self.records[i].nbytes, _regular_bytes(self.records, self.regular)):
             self.report.drifted.append(i)
 
     def _measure(self, err: torch.Tensor, i: int) -> float:
@@ -1016,8 +1019,7 @@ class _Backward:
         self.report.correction_evaluations += evals
         self.report.corrected.append(i)
         if chain.adaptive is not None:
-            regular_bytes = sum(self.records[a].nbytes for a in self.regular if a > 0)
-            chain.adaptive.promote(i, self.records[i].nbytes, regular_bytes)
+            chain.adaptive.promote(i, self.records[i].nbytes, _regular_bytes(self.records, self.regular))
             if i in self.report.drifted:  # laid for drift earlier in this pass, now for a failure
                 self.report.drifted.remove(i)
         if chain.config.warn:
