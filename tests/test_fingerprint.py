@@ -158,3 +158,21 @@ def test_autocast_does_not_change_the_fingerprint():
         parts = fingerprint_parts(x[:, :4], x[:, 4:])  # halves of one whole chunk each: summed partials
     assert torch.equal(inside, fingerprint(x))
     torch.testing.assert_close(parts, fingerprint(x), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("sizes", [(1, 1), (3, 5), (32, 32), (64, 64), (5, 60, 7), (100, 28)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=["fp32", "fp64", "bf16"])
+def test_parts_of_one_chunk_equal_the_whole(sizes, dtype):
+    """Parts of at most one chunk in all (small samples, the halves of every coupling of a small flow)
+    take one product per part, no concatenation: the fingerprint of the whole, within the float32
+    rounding of the products' sums (bf16 parts accumulate in float32, like the whole)."""
+    torch.manual_seed(sum(sizes))
+    parts = [torch.randn(9, n, dtype=torch.float64).to(dtype) for n in sizes]
+    whole = fingerprint(torch.cat(parts, dim=1))
+    got = fingerprint_parts(*parts)
+    assert got.dtype == torch.float64 and got.shape == (9, 8)
+    tol = 1e-14 if dtype == torch.float64 else 1e-6
+    assert relative_error(got, whole).item() <= tol
+    # A multi-dimensional split of dim 1 (the halves of a [B, C, H, W] coupling input) is the same.
+    x = torch.randn(5, 4, 2, 3, dtype=torch.float64).to(dtype)
+    assert relative_error(fingerprint_parts(x[:, :2], x[:, 2:]), fingerprint(x)).item() <= tol

@@ -36,7 +36,7 @@ from torch import nn
 
 import revgrad
 from revgrad.engine.anchors import regular_anchors
-from revgrad.engine.checks import MEASURED_EXACTLY, FingerprintStore, grid_bits, relative_error
+from revgrad.engine.checks import MEASURED_EXACTLY, FingerprintStore, _wrap, grid_bits, relative_error
 from revgrad.ops.fingerprint import fingerprint
 
 # The default tolerances of float32, float16 and bfloat16 chains (grids P = 25, 17 and 14; for 4e-3
@@ -507,3 +507,38 @@ def test_a_check_at_the_limit_passes_no_large_error(tol):
         f"{int(passed.sum())} of {int(large.sum())} errors >= 1.25 x limit pass a check at limit {limit:g} "
         f"(tol {tol:g}); the smallest of them is {true[passed].min().item() / tol:.3g} tol"
     )
+
+
+def test_errors_of_many_rows_at_once_equal_each_row():
+    """Deferred checks settle every block's error in one vectorised comparison (``errors``): it must
+    give each row's :meth:`error` exactly, for rows of different grids, float64 rows, rows asked for
+    out of order or only some of them, and a non-finite rebuilt sample."""
+    torch.manual_seed(3)
+    tols = [1e-5, 1e-5, 4e-3, 1e-5, 3e-2, 1e-9, 1e-9, 1e-5]
+    fps = [fingerprint(torch.randn(16, 50, dtype=F64 if t < 1e-6 else torch.float32) * 10.0 ** (k - 4))
+           for k, t in enumerate(tols)]
+    store = FingerprintStore.encode(fps, tols)
+    store = store.put_tensors(tuple(store.take_tensors()))
+    rebuilt = [f * (1 + 3 * t * torch.randn(16, 1, dtype=F64)) for f, t in zip(fps, tols)]
+    rebuilt[3][5, 2] = math.nan
+    for rows in ([0, 1, 2, 3, 4, 5, 6, 7], [7, 6, 5, 4, 3, 2, 1, 0], [4, 0], [6], [1, 5, 2]):
+        each = torch.stack([store.error(k, rebuilt[k]) for k in rows])
+        together = store.errors(rows, [rebuilt[k] for k in rows])
+        assert together.shape == (len(rows),)
+        torch.testing.assert_close(together, each, rtol=1e-12, atol=0, msg=str(rows))
+    assert store.errors([3], [rebuilt[3]]).item() == math.inf
+
+
+def test_wrap_is_the_exact_remainder():
+    """``_wrap`` (a floor and two products: a tenth of ``torch.remainder``'s cost on CPU) gives the
+    remainder modulo 2^16 exactly, at every magnitude a residue computation meets, and NaN where
+    the remainder is NaN."""
+    torch.manual_seed(4)
+    v = torch.cat([
+        torch.randn(4000, dtype=F64) * 10.0 ** torch.randint(-3, 19, (4000,)).double(),
+        torch.randint(-2**40, 2**40, (1000,)).double(),
+        torch.tensor([0.0, -0.0, 65536.0, -65536.0, 65535.5, -0.5, 2.0**53, -(2.0**60), 1e300, -1e300], dtype=F64),
+    ])
+    assert torch.equal(_wrap(v), torch.remainder(v, 65536.0))
+    special = torch.tensor([math.inf, -math.inf, math.nan], dtype=F64)
+    assert _wrap(special).isnan().all() and torch.remainder(special, 65536.0).isnan().all()

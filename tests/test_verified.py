@@ -346,12 +346,13 @@ def test_deferred_check_failure_reruns_with_corrections_then_checks_per_block(br
         if step == 0:
             # The deferred pass failed, so the pass ran again, checking each block and correcting.
             assert report.deferred and report.rerun and report.corrected
+            corrected = list(report.corrected)
             assert deferred, "the rerun did not check per block"
         else:
             # The step before failed a check: this one checks per block from the start (the
-            # corrected blocks now hold adaptive anchors, whose rebuilt inputs still fail).
+            # corrected blocks now hold adaptive anchors, used as exact).
             assert not report.deferred and not report.rerun
-            assert report.max_error > report.tol
+            assert set(corrected) <= set(report.anchors)
     assert evaluations[0] > evaluations[1], "the rerun's evaluations are not counted"
 
 
@@ -382,6 +383,57 @@ def test_deferred_detect_raises_for_the_block_nearest_the_output(monkeypatch):
         errors[defer] = info.value
     assert errors["always"].block == errors["never"].block
     assert str(errors["always"]) == str(errors["never"])
+
+
+class _NaNOnDemand(Scale):
+    """A scale whose inverse writes one NaN while ``bad`` is set."""
+
+    bad = False
+
+    def inverse(self, y):
+        x = super().inverse(y)
+        if self.bad:
+            x = x.clone()
+            x.view(-1)[3] = math.nan
+        return x
+
+
+def test_deferred_pass_that_raises_below_a_failed_check_reruns(deferred):
+    """A deferred pass goes on with a rebuilt input that failed its check; a block below may raise on
+    it (here anomaly mode on the NaN's gradient). The failed check is the cause: the pass runs again
+    per block and corrects, as the per-block checks would have from the start. A block's own error
+    (every check passed) is raised as it is."""
+    torch.manual_seed(0)
+    blocks = list(healthy_chain(6, channels=4, affine_every=0))
+    net = nn.Sequential(*blocks[:4], _NaNOnDemand(4), *blocks[4:]).double()
+    x = torch.randn(3, 4, 5, 7, dtype=torch.float64)
+    gx_ref, gp_ref = _reference_grads(net, x)
+    model = revgrad.reversible(copy.deepcopy(net), probe_every=0)
+    scalar_loss(model(x.clone().requires_grad_())).backward()  # clean: the next step defers
+    model.zero_grad()
+    model[4].bad = True
+    xx = x.clone().requires_grad_()
+    with torch.autograd.set_detect_anomaly(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # anomaly mode warns with the forward's traceback
+        scalar_loss(model(xx)).backward()
+    rep = model.last_report
+    assert rep.deferred and rep.rerun and rep.corrected == [4], rep
+    assert_rel_close(xx.grad, gx_ref, 1e-10, "input grad")
+    for i, (p, e) in enumerate(zip(model.parameters(), gp_ref)):
+        assert_rel_close(p.grad, e, 1e-10, f"param {i} grad")
+
+    class Refuses(nn.Module):  # its own error, raised in backward's recompute of block 1
+        def forward(self, x):
+            if torch.is_grad_enabled():
+                raise ValueError("refused by the block itself")
+            return x, torch.zeros(x.shape[0], dtype=x.dtype)
+
+        def inverse(self, y):
+            return y
+
+    model = revgrad.reversible(nn.Sequential(Scale(4), Refuses(), Scale(4)).double(), probe_every=0)
+    with pytest.raises(ValueError, match="refused by the block itself"):
+        scalar_loss(model(x.clone().requires_grad_())).backward()
 
 
 def test_no_deferral_with_backward_hooks_inside_blocks(deferred):
@@ -445,6 +497,118 @@ def test_gradient_sensitive_activation_detected():
     model = revgrad.reversible(copy.deepcopy(net), check="detect", anchor_every=10)
     with pytest.raises(revgrad.ReconstructionError, match=r"block 2 \(Flip\).*VJP of block 1 \(AffineCoupling\)"):
         _flat_grads(model, x)
+
+
+def _probe_schedule(values_per_probe, steps: int, every: int = 20, corrected_at=()) -> list[int]:
+    """The passes a ``Sensitivity`` probes, the k-th probe measuring ``values_per_probe(k)``."""
+    from revgrad.engine.sensitivity import Sensitivity
+
+    sens, probes = Sensitivity(every), []
+    for step in range(steps):
+        probing = sens.probing()
+        if probing:
+            for j, s in values_per_probe(len(probes)).items():
+                sens.observe(j, s)
+            probes.append(step)
+        sens.finish(probing, corrected=step in corrected_at)
+    return probes
+
+
+def test_probes_back_off_while_sensitivities_hold_still_and_return_when_they_grow():
+    from revgrad.engine.sensitivity import BACKOFF, GROWTH
+
+    assert (GROWTH, BACKOFF) == (2.0, 8)
+    # Stable (within a factor 2, values at most BUDGET counting as BUDGET): twice as late each time,
+    # up to 8 x every.
+    steady = _probe_schedule(lambda k: {1: 1.5, 2: 0.1 if k % 2 else 1.9, 3: 300.0 * (1.9 if k % 2 else 1)}, 700)
+    assert steady == [0, 20, 60, 140, 300, 460, 620]
+    # A sensitivity more than doubling brings back every (20) from that probe on.
+    jump = _probe_schedule(lambda k: {1: 1.5 if k < 4 else 40.0}, 400)
+    assert jump == [0, 20, 60, 140, 300, 320, 360]
+    # A block measured for the first time counts from BUDGET (1): stable at 1.5, not at 40.
+    assert _probe_schedule(lambda k: {1: 1.5, **({2: 1.5} if k >= 3 else {})}, 400) == [0, 20, 60, 140, 300]
+    new_block = _probe_schedule(lambda k: {1: 1.5, **({2: 40.0} if k >= 3 else {})}, 400)
+    assert new_block == [0, 20, 60, 140, 160, 200, 280]
+    # A pass that corrected a block: probe again after every.
+    assert _probe_schedule(lambda k: {1: 1.5}, 200, corrected_at=(60,)) == [0, 20, 60, 80, 120]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_a_probe_moves_the_activation_by_eps_in_its_own_precision(dtype):
+    """The probe's move is ``eps`` per sample, relative, also where eps is far below float32's rounding
+    (a float64 chain's smallest move is 1e-11: rounded through float32 it moved by ~3e-8 and read
+    sensitivities a thousand times too high)."""
+    from revgrad.engine.sensitivity import perturbed
+
+    h = (torch.randn(4, 3, 5, dtype=torch.float64) + 2.0).to(dtype)
+    eps = 1e-11 if dtype == torch.float64 else 1e-5
+    moved = perturbed(h, eps, step=3)
+    assert moved.dtype == dtype
+    rel = (moved - h).flatten(1).double().norm(dim=1) / h.flatten(1).double().norm(dim=1)
+    assert torch.allclose(rel, torch.full_like(rel, eps), rtol=1e-3 if dtype == torch.float64 else 0.1), rel
+
+
+def test_engine_probes_back_off_on_a_chain_whose_sensitivity_holds_still():
+    """A chain of per-channel scales on a positive input with the loss ``sum(y) + sum(logdet)``: each
+    VJP is linear in its activation and sums positive terms (no cancellation), so a move of ``eps``
+    moves it by about ``eps / sqrt(n)``; every probe finds the chain stable and the probes come at
+    0, k, 3k, 7k, 15k, 23k."""
+    torch.manual_seed(0)
+    model = revgrad.reversible(nn.Sequential(*[Scale(4) for _ in range(5)]).double(), probe_every=2)
+    x = torch.rand(3, 4, 5, dtype=torch.float64) + 1.0
+    probed, worst = [], 0.0
+    for step in range(48):
+        y, logdet = model(x.clone().requires_grad_())
+        (y.sum() + logdet.sum()).backward()
+        rep = model.last_report
+        if rep.probed:
+            probed.append(step)
+            worst = max([worst, *[s for s in rep.sensitivity if not math.isnan(s)]])
+    assert worst <= 0.5, f"premise: these VJPs' sensitivity is far below 1, measured {worst:.3g}"
+    assert probed == [0, 2, 6, 14, 30, 46]
+
+
+def test_checks_defer_on_cpu_by_default_and_match_plain_autograd(monkeypatch):
+    """``auto`` defers on CPU too (one vectorised comparison at the end saves a comparison's per-op
+    overhead per block): the first (probing) backward checks per block, a clean one after it settles
+    all at once, reading nothing per block; a broken chain's failed deferred pass reruns, corrects and
+    matches plain autograd, and the step after a correction checks per block."""
+    monkeypatch.setattr(revgrad.engine.backprop, "DEFER_CHECKS", "auto")
+    reads: list[int] = []
+    original = revgrad.engine.backprop._Backward._measure
+    monkeypatch.setattr(revgrad.engine.backprop._Backward, "_measure",
+                        lambda self, err, i: reads.append(i) or original(self, err, i))
+    net = healthy_chain(9, channels=4, affine_every=3).double()
+    x = torch.randn(2, 4, 5, 6, dtype=torch.float64)
+    assert_healthy(net, x, revgrad.default_tol(torch.float64), anchors="default")
+    gx_ref, gp_ref = _reference_grads(net, x)
+    model = revgrad.reversible(copy.deepcopy(net))
+    for step in range(3):
+        reads.clear()
+        xx = x.clone().requires_grad_()
+        scalar_loss(model(xx)).backward()
+        rep = model.last_report
+        assert rep.deferred == (step > 0) and rep.probed == (step == 0) and not rep.rerun, (step, rep)
+        assert (reads == []) == rep.deferred
+        assert_rel_close(xx.grad, gx_ref, 1e-10, f"step {step}: input grad")
+        for i, (p, e) in enumerate(zip(model.parameters(), gp_ref)):
+            assert_rel_close(p.grad, e * (step + 1), 1e-10, f"step {step}: param {i} grad")
+
+    broken = _drifting_chain("inverse-off-by-1%")
+    xb = torch.randn(3, 4, 5, 7)
+    gx_ref, gp_ref = _reference_grads(broken, xb)
+    model = revgrad.reversible(copy.deepcopy(broken), probe_every=0)
+    seen = []
+    for step in range(3):
+        xx = xb.clone().requires_grad_()
+        scalar_loss(model(xx)).backward()
+        rep = model.last_report
+        seen.append((rep.deferred, rep.rerun, bool(rep.corrected)))
+        assert_rel_close(xx.grad, gx_ref, 1e-4, f"broken, step {step}: input grad")
+        for i, (p, e) in enumerate(zip(model.parameters(), gp_ref)):
+            assert_rel_close(p.grad, e * (step + 1), 1e-4, f"broken, step {step}: param {i} grad")
+    assert seen[0] == (True, True, True), seen  # deferred, failed, rerun per block with corrections
+    assert not seen[1][0], seen  # after a correction: per block
 
 
 # -- what is guaranteed: the float64 truth, not only plain float32 autograd -----------------------------
@@ -649,15 +813,51 @@ def test_drift_anchors_give_way_to_failures_and_to_the_budget():
     assert default.indices == {1}
 
 
+def test_adaptive_anchor_rebuild_is_measured_every_tenth_use_and_released_after_release_after():
+    from revgrad.engine.anchors import AdaptiveAnchors
+
+    state = AdaptiveAnchors(release_after=100)
+    assert state.promote(4, 100, 100) and state.measure_every == 10
+    measured = []
+    for step in range(1, 101):
+        if state.measuring(4):
+            measured.append(step)
+            state.observe(4, True)
+        state.tick(frozenset(), frozenset(state.indices))
+    assert measured == list(range(10, 101, 10)) and 4 not in state.indices  # 10 clean measurements
+    # A failed measurement restarts the count; a new promotion restarts the uses.
+    state = AdaptiveAnchors(release_after=100)
+    state.promote(4, 100, 100)
+    for step in range(1, 31):
+        if state.measuring(4):
+            state.observe(4, step != 20)
+        state.tick(frozenset(), frozenset(state.indices))
+    assert state.clean_runs[4] == 10 and state.uses[4] == 30
+    state.promote(4, 100, 100)
+    assert state.uses[4] == 0 and state.clean_runs[4] == 0 and AdaptiveAnchors(release_after=7).measure_every == 1
+
+    # In the engine: the held anchor's rebuild is measured on its 10th use, not before.
+    net = _drifting_chain("inverse-off-by-1%").double()
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    _assert_drifting_premise(net, x)
+    model = revgrad.reversible(copy.deepcopy(net), probe_every=0)
+    assert _step(model, x.clone().requires_grad_()).corrected == [4]
+    seen = [_step(model, x.clone().requires_grad_()) for _ in range(10)]
+    assert all(4 in r.anchors and not r.corrected for r in seen)
+    assert [not math.isnan(r.errors[4]) for r in seen] == [False] * 9 + [True]
+    assert seen[-1].from_adaptive == [4] and seen[-1].errors[4] > seen[-1].tol  # measured: still off
+
+
 def test_an_adaptive_anchor_is_used_even_when_its_rebuild_passes():
     """Once a block holds an adaptive anchor, backward differentiates at the stored input, also in
     steps where the rebuild is within tolerance (it is only measured, to release the anchor): float64
-    gradients equal plain autograd's to rounding, not to the rebuild's error (0.5 tol)."""
+    gradients equal plain autograd's to rounding, not to the rebuild's error (0.5 tol).
+    (``release_after=9``: the rebuild is measured every step, ``release_after // 10`` rounded up to 1.)"""
     net = _drifting_chain("inverse-off-by-1%").double()
     bad = net[4]
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     _assert_drifting_premise(net, x)
-    model = revgrad.reversible(copy.deepcopy(net), probe_every=0)
+    model = revgrad.reversible(copy.deepcopy(net), probe_every=0, release_after=9)
     first = _step(model, x.clone().requires_grad_())
     assert first.corrected == [4]
     tol = revgrad.default_tol(torch.float64)

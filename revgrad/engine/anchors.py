@@ -9,9 +9,11 @@ stores them in forward, about ``N / k`` activations held for corrections that ne
 Adaptive anchors: a block whose rebuilt input failed the check in one step is likely to fail in the
 next, and each failure costs a recomputation from the anchor below. Such a block's input is stored
 in the following steps too, while the bytes of all adaptive anchors stay within a budget. Backward
-uses the stored input (it also restarts the rebuild below from exact values), and rebuilds it through
-the inverse only to measure it against the stored one: the anchor is released after
-``release_after`` consecutive clean steps.
+uses the stored input (it also restarts the rebuild below from exact values), and on one step in
+``release_after // 10`` (every 10th by default) also rebuilds it through the inverse, only to measure
+it against the stored one: the anchor is released after ``release_after`` consecutive clean steps, so
+measured. (Measuring every step cost a block rebuild per anchor and step, 4-6 % of the Glow long run's
+step with three anchors held, for a decision that takes 100 steps.)
 
 Drift anchors: rebuilt from the top, float32 errors compound along a long chain (each activation is
 rebuilt from an output that was itself rebuilt), up to the tolerance before a check fails; a regular
@@ -65,6 +67,16 @@ class AdaptiveAnchors:
     clean_runs: dict[int, int] = field(default_factory=dict)
     sizes: dict[int, int] = field(default_factory=dict)
     drift_steps: dict[int, int] = field(default_factory=dict)  # drift anchors: steps held
+    uses: dict[int, int] = field(default_factory=dict)  # adaptive anchors: steps used since promoted
+
+    @property
+    def measure_every(self) -> int:
+        """How often an adaptive anchor's rebuild is measured: every ``release_after // 10`` uses."""
+        return max(1, self.release_after // 10)
+
+    def measuring(self, index: int) -> bool:
+        """Whether the backward pass now running measures adaptive anchor ``index``'s rebuild."""
+        return (self.uses.get(index, 0) + 1) % self.measure_every == 0
 
     @property
     def indices(self) -> frozenset[int]:
@@ -87,11 +99,14 @@ class AdaptiveAnchors:
         self.sizes[index] = nbytes
         return True
 
-    def tick(self, used: frozenset[int]) -> None:
-        """A backward pass done whose forward stored the drift anchors ``used``. Of those used
-        ``release_after`` times, release one (the longest held): the next step measures its drift
-        again, while the others still restart the rebuild (all at once would let errors compound
-        along the whole chain in that step)."""
+    def tick(self, used: frozenset[int], adaptive_used: frozenset[int] = frozenset()) -> None:
+        """A backward pass done whose forward stored the drift anchors ``used`` (and the adaptive ones
+        ``adaptive_used``, counted for :meth:`measuring`). Of the drift anchors used ``release_after``
+        times, release one (the longest held): the next step measures its drift again, while the
+        others still restart the rebuild (all at once would let errors compound along the whole
+        chain in that step)."""
+        for index in adaptive_used & self.clean_runs.keys():
+            self.uses[index] = self.uses.get(index, 0) + 1
         for index in used & self.drift_steps.keys():
             self.drift_steps[index] += 1
         due = [i for i, uses in self.drift_steps.items() if uses >= self.release_after]
@@ -111,6 +126,7 @@ class AdaptiveAnchors:
     def _drop(self, index: int) -> None:
         self.drift_steps.pop(index, None)
         self.clean_runs.pop(index, None)
+        self.uses.pop(index, None)
         del self.sizes[index]
 
     def _budget(self, regular_bytes: int, candidate_bytes: int) -> int:
@@ -123,7 +139,7 @@ class AdaptiveAnchors:
     def promote(self, index: int, nbytes: int, regular_bytes: int) -> bool:
         """Keep ``index``'s input from the next step on, if the budget allows. Returns whether it does."""
         if index in self.clean_runs:
-            self.clean_runs[index] = 0
+            self.clean_runs[index] = self.uses[index] = 0
             return True
         if index in self.drift_steps:  # a failure outranks drift: its rebuild is measured again
             self._drop(index)
@@ -133,18 +149,19 @@ class AdaptiveAnchors:
             self._drop(min(self.drift_steps, key=self.drift_steps.__getitem__))
         if sum(self.sizes.values()) + nbytes > budget:
             return False
-        self.clean_runs[index] = 0
+        self.clean_runs[index] = self.uses[index] = 0
         self.sizes[index] = nbytes
         return True
 
     def observe(self, index: int, clean: bool) -> None:
-        """Record one step's check of an adaptive anchor; release it after enough clean steps."""
+        """Record a measurement of an adaptive anchor's rebuild (one every :attr:`measure_every`
+        steps, standing for that many); release it after ``release_after`` clean steps."""
         if index not in self.clean_runs:
             return
         if not clean:
             self.clean_runs[index] = 0
             return
-        self.clean_runs[index] += 1
+        self.clean_runs[index] += self.measure_every
         if self.clean_runs[index] >= self.release_after:
             self._drop(index)
 

@@ -93,7 +93,8 @@ class EngineConfig:
         graph_budget: bytes of autograd graphs the last blocks of a chain may keep instead of being
             recomputed in backward (:mod:`revgrad.engine.graph_budget`); 0 keeps none.
         probe_every: measure the VJPs' sensitivity to their activations in the first backward and
-            then every so many (:mod:`revgrad.engine.sensitivity`); 0 checks activations against ``tol`` only.
+            then every so many (twice as late after each probe that found them stable, up to 8x:
+            :mod:`revgrad.engine.sensitivity`); 0 checks activations against ``tol`` only.
     """
 
     check: CheckMode = "correct"
@@ -603,11 +604,23 @@ class _RevBackprop(torch.autograd.Function):
         y, anchors, fingerprints = saved[0], dict(zip(ctx.anchor_at, saved[1:k])), ctx.fp_store.put_tensors(saved[k:])
         chain: _Chain = ctx.chain
         _refuse_changed_state(chain, ctx.records, ctx.param_versions, "between forward and backward")
-        engine = _Backward(ctx, chain, dict(anchors), fingerprints, deferred=_defer_checks(chain, y))
+        engine = _Backward(ctx, chain, dict(anchors), fingerprints, deferred=_defer_checks(chain))
         grad_logdet = rest[0] if ctx.has_logdet else None
         with ctx.autocast.replay():
-            grad_x, grads, arg_grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
-            if not engine.settle():
+            try:
+                grad_x, grads, arg_grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
+                clean = engine.settle()
+            except ReconstructionError:
+                raise
+            except Exception:
+                # A deferred pass goes on with every rebuilt input as if it passed: one that failed
+                # (NaN from a broken inverse) can make a block below raise (anomaly mode, a block that
+                # validates its input). A failed check is then the cause: run the pass again per block.
+                # If every check so far passed, the error is the block's own.
+                if not engine.deferred or engine.settle():
+                    raise
+                clean = False
+            if not clean:
                 # A deferred check failed: what was derived below that block is wrong. Run the pass
                 # again with a check per block, which corrects from the anchors.
                 spent = engine.report.evaluations
@@ -615,11 +628,11 @@ class _RevBackprop(torch.autograd.Function):
                 engine.report.evaluations, engine.report.deferred, engine.report.rerun = spent, True, True
                 grad_x, grads, arg_grads = engine.run(y, grad_y, grad_logdet, ctx.needs_input_grad[1])
         if engine.sens is not None:
-            engine.sens.finish(engine.probing)
+            engine.sens.finish(engine.probing, corrected=bool(engine.report.corrected))
         if chain.adaptive is not None and chain.config.check == "correct":
             held = chain.adaptive.sizes.keys() & range(len(ctx.records))
             chain.adaptive.refresh({i: ctx.records[i].nbytes for i in held}, _regular_bytes(ctx.records, ctx.regular))
-            chain.adaptive.tick(ctx.drift_used)
+            chain.adaptive.tick(ctx.drift_used, ctx.adaptive_at)
         engine.publish()
         return (None, grad_x, *grads, *arg_grads)
 
@@ -661,29 +674,30 @@ def _refuse_changed_state(
             )
 
 
-# Deferred checks: "auto" defers on CUDA (where reading each error back would stall the host until
-# the device catches up, once per block) while the chain's previous backward was clean; "always"
-# and "never" (environment variable REVGRAD_DEFER_CHECKS) are for tests and measurements.
+# Deferred checks: "auto" defers while the chain's previous backward was clean. On CUDA reading each
+# error back would stall the host until the device catches up, once per block; on CPU the reads are
+# free, but measuring every block's error in one vectorised comparison at the end saves the per-op
+# overhead of a comparison per block, which is most of a check's cost on small samples. "always" and
+# "never" (environment variable REVGRAD_DEFER_CHECKS) are for tests and measurements.
 DEFER_CHECKS = os.environ.get("REVGRAD_DEFER_CHECKS", "auto").strip().lower() or "auto"
 if DEFER_CHECKS not in ("auto", "always", "never"):
     raise ValueError(f"revgrad: REVGRAD_DEFER_CHECKS must be auto, always or never, got {DEFER_CHECKS!r}")
 
 
-def _defer_checks(chain: _Chain, y: torch.Tensor) -> bool:
+def _defer_checks(chain: _Chain) -> bool:
     if chain.config.check == "off" or DEFER_CHECKS == "never" or chain.sharding is not None:
         return False  # FSDP2: a second pass after a failed deferred check would reduce-scatter twice
     if chain.sensitivity is not None and chain.sensitivity.probing():
         return False  # a probe decides per block
-    if DEFER_CHECKS != "always" and y.device.type != "cuda":
-        return False
     # Module backward hooks inside the blocks must fire once per step, as in plain autograd; a
     # second pass after a failed deferred check would fire them again.
     if any(s.backward_hooks for s in chain.slots) or _global_module_hooks(_BACKWARD_HOOKS):
         return False
-    # After a backward where a check failed (a correction, or a dirty adaptive anchor), the next one
-    # is likely to fail too: check per block rather than pay for a second pass.
+    # After a backward where a check failed (a correction), the next one may fail too: check per
+    # block rather than pay for a second pass. (An adaptive anchor's failed rebuild does not count:
+    # its stored input is used in any case, and no pass reruns for it.)
     last = getattr(chain.owner, "last_report", None)
-    return last is None or not (last.rerun or last.max_error > last.tol)
+    return last is None or not (last.rerun or last.corrected)
 
 
 class _Backward:
@@ -695,7 +709,8 @@ class _Backward:
     ) -> None:
         self.chain = chain
         self.deferred = deferred
-        # Deferred checks: (block, error as a 0-dim tensor, adaptive anchor?), settled at the end.
+        # Deferred checks: (block, rebuilt fingerprint, False) or, for an adaptive anchor, (block, its
+        # rebuild's error as a 0-dim tensor, True); settled at the end.
         self.pending: list[tuple[int, torch.Tensor, bool]] = []
         self.records: list[_Record] = ctx.records
         self.param_versions: list[int] = ctx.param_versions
@@ -843,10 +858,12 @@ class _Backward:
         exact = self.anchors.pop(i) if i in self.laid else self.anchors.get(i)
         if exact is None:
             exact = self.exact.pop(i, None)
-        if exact is not None and (i not in self.adaptive_at or self._tol(i) < _UNRESOLVABLE * self.tol):
-            # A regular anchor; or an adaptive one whose tolerance (tightened by its VJPs' sensitivity)
-            # is below what a fingerprint resolves: a rebuild would fail its check anyway.
-            if i in self.adaptive_at:
+        measure = i in self.adaptive_at and self.chain.adaptive.measuring(i)
+        if exact is not None and (not measure or self._tol(i) < _UNRESOLVABLE * self.tol):
+            # A regular anchor; an adaptive one not measured in this step; or one whose tolerance
+            # (tightened by its VJPs' sensitivity) is below what a fingerprint resolves: a rebuild
+            # would fail its check anyway.
+            if measure:
                 self.chain.adaptive.observe(i, False)
             self.trusted.add(i)
             if rec.fused and bparams is not None and _accepts(block, "exact"):
@@ -881,11 +898,10 @@ class _Backward:
             return x, vjp
         if fp is None:
             fp = _fingerprint(x)
-        error = self.fingerprints.error(row, fp)
         if self.deferred:
-            self.pending.append((i, error, False))  # go on as if clean; settle() decides
+            self.pending.append((i, fp, False))  # go on as if clean; settle() measures all at once
             return x, vjp
-        err = self._measure(error, i)
+        err = self._measure(self.fingerprints.error(row, fp), i)
         tol = self._check_tol(i)
         if not self._failed(not err <= tol):
             self._note_drift(i, err, tol)
@@ -946,7 +962,16 @@ class _Backward:
         """
         if not self.pending:
             return True
-        values = torch.stack([e.to(torch.float64) for _, e, _ in self.pending]).tolist()
+        # The rebuilt fingerprints against the stored ones, all at once; then the adaptive anchors'
+        # errors (measured against their stored inputs). One read for both.
+        checked = [(i, v, adaptive) for i, v, adaptive in self.pending if not adaptive]
+        measured = [(i, v, adaptive) for i, v, adaptive in self.pending if adaptive]
+        parts = [torch.stack([e.to(torch.float64) for _, e, _ in measured])] if measured else []
+        if checked:
+            rows, fps = [self.fp_row[i] for i, _, _ in checked], [f for _, f, _ in checked]
+            parts.insert(0, self.fingerprints.errors(rows, fps))
+        values = (torch.cat(parts) if len(parts) > 1 else parts[0]).tolist()
+        self.pending = checked + measured
         failed = []
         for (i, _, adaptive), value in zip(self.pending, values):
             value = math.inf if math.isnan(value) else value
@@ -1062,9 +1087,7 @@ class _Backward:
             self.sens.skip()
             self._failed(False)  # FSDP2: take part in the decision the other ranks make below
             return x, gx, gps
-        # Random directions of the actual error's size, the largest change: a ReLU network's VJP jumps
-        # where a move crosses a kink, and the actual error crosses those a random move of its size
-        # crosses (about as often); a smooth sensitivity shows in every direction.
+        # Random directions of the actual error's size, the largest change (sensitivity.DIRECTIONS).
         moves = []
         for d in range(sensitivity.DIRECTIONS):
             seed = self.sens.steps * sensitivity.DIRECTIONS + d

@@ -15,13 +15,14 @@ class BackwardReport:
     Attributes:
         errors: per block, the relative reconstruction error measured for its rebuilt input
             (largest over the batch); ``inf`` when the rebuilt input held NaN or Inf; NaN where
-            nothing was measured (anchored input, ``check="off"``). Errors above 16 x ``tol`` may be
+            nothing was measured (anchored input, ``check="off"``). Errors above 20 x ``tol`` may be
             a lower bound (stored fingerprints keep residues); a corrected block's is the true one.
         corrected: indices of blocks whose rebuilt input failed the check and was replaced by an
             exact recomputation from an anchor.
         from_adaptive: indices of blocks whose rebuilt input failed the check against the input an
             adaptive anchor stored in forward (which backward uses in any case: no recomputation
-            needed). Every block whose error exceeds ``tol`` is in ``corrected`` or here
+            needed; an adaptive anchor's rebuild is measured every ``release_after // 10`` steps, NaN
+            in ``errors`` in between). Every block whose error exceeds ``tol`` is in ``corrected`` or here
             (``check="correct"``).
         evaluations: block evaluations spent in backward (inverse or forward, with or without grad).
             Plain reversible backprop spends 1 per fused block and 2 per other block.
@@ -31,8 +32,8 @@ class BackwardReport:
         num_blocks: how many of the entries are blocks (a merged report of a container with
             non-block children has NaN entries for those children); ``None`` means all.
         deferred: the backward began with its checks deferred: settled together at the end of the
-            pass with one host sync (on CUDA, while the step before was clean), instead of one sync
-            per checked block.
+            pass in one comparison and one host sync (while the step before corrected nothing),
+            instead of one per checked block.
         rerun: a deferred check failed, so the pass ran again with a check per block (and the
             corrections); ``evaluations`` counts both passes.
         probed: this backward measured the VJPs' sensitivity to their activations

@@ -12,17 +12,19 @@ So each activation ``h`` gets its own tolerance ``tol * BUDGET / s(h)`` (never l
 ``h`` as input when its VJP is a recompute from its input, and the block that produced ``h`` when its
 VJP is a fused closure built from its output (couplings differentiate at their trusted output).
 
-``s`` is measured by a *probe*, in the first backward and then every ``every`` backward passes: the
-VJP is computed a second time at the activation moved by ``eps = tol`` (relative, per sample) along a
-random direction, ``s = ||VJP' - VJP|| / ||VJP|| / eps``, over the input gradient and the block's
+``s`` is measured by a *probe*, in the first backward and then every ``every`` backward passes (twice
+as late after each probe that found every ``s`` within a factor 2 of the last, up to ``8 * every``): the
+VJP is computed a second time at the activation moved by ``eps`` (relative, per sample: as far as this
+pass's rebuild of it is off, at least ``tol / 100``) along a random direction,
+``s = ||VJP' - VJP|| / ||VJP|| / eps``, over the input gradient and the block's
 parameter gradients together. On a probe step an activation already found too far for its new
 tolerance is replaced by the exact one before its VJP is used; in between, the stored ``s`` sets the
 checks' tolerances and a failed check corrects as any other.
 
-This bounds each VJP's error to about ``BUDGET * tol`` (relative: 1e-4 in float32) at the
-sensitivities last measured; it does
-not bound how the backward chain itself amplifies errors (plain autograd's gradient goes through the
-same chain), and a sensitivity that grows between probes is caught at the next probe.
+This bounds each VJP's error to about ``BUDGET * tol`` (relative: 1e-5 in float32) at the
+sensitivities last measured; it does not bound how the backward chain itself amplifies errors (plain
+autograd's gradient goes through the same chain), and a sensitivity that grows between probes is
+caught at the next probe.
 """
 
 from __future__ import annotations
@@ -32,19 +34,32 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["BUDGET", "DEFAULT_PROBE_EVERY", "Sensitivity", "all_finite", "perturbed", "relative_change"]
+__all__ = [
+    "BACKOFF", "BUDGET", "DEFAULT_PROBE_EVERY", "GROWTH", "Sensitivity", "all_finite", "perturbed", "relative_change",
+]
 
 DEFAULT_PROBE_EVERY = 20
-# A VJP may move by BUDGET * tol (relative) when its activation moves by its tolerance. A random
-# direction overstates the sensitivity to the errors rebuilds actually make (BatchNorm'd RevNet blocks
-# measure s ~ 10-200 where their gradient moves ~5x the activation's error): a budget of 1 would
-# correct healthy chains; 10 leaves them alone and still catches the sensitive blocks (s in the
-# thousands, where float32 rounding becomes a gradient error of 1e-3).
+# An activation's tolerance is tol * BUDGET / s: the VJP computed from it moves by at most about
+# BUDGET * tol (relative) at the sensitivity measured, since s is measured with a move as large as
+# the activation's actual rebuild error (a move of tol would overstate what rebuilds within tolerance
+# do to healthy blocks' VJPs: BatchNorm'd RevNet blocks measure s ~ 10-200 at such moves).
 BUDGET = 1.0
 # The smallest move a probe makes, as a fraction of tol (1e-7 in float32: about a rounding).
 SMALLEST_MOVE = 1e-2
-# Random directions per probe; the largest change counts.
-DIRECTIONS = 2
+# Random directions per probe (the largest change counts). One: a smooth sensitivity shows in every
+# direction, and a ReLU network's VJP jumps where a move crosses a kink, which a random move of the
+# actual error's size crosses about as often as the rebuild's own error does. (Such a jump is within
+# float32 rounding of the truth's kink: plain float32 autograd lands on either side of it, too.) Each
+# direction costs one more evaluation of every probed block: a second one doubled the probes' cost.
+DIRECTIONS = 1
+# Probes back off while the chain holds still: after a probe in which no sensitivity grew by more
+# than GROWTH (those at most BUDGET counting as BUDGET, where they tighten nothing; one measured for
+# the first time, from BUDGET) and nothing was corrected, the next comes twice as late, up to
+# BACKOFF * every; any growth or correction brings back ``every``. A probe costs about one backward
+# pass (measured: 0.87x ``off``'s step on the Glow classifier of bench/grad_trust.py, whose
+# sensitivities stay within 0.2-5 over its first 600 steps).
+GROWTH = 2.0
+BACKOFF = 8
 _SEED = 0x5E45_17
 
 
@@ -59,14 +74,17 @@ class Sensitivity:
     every: int = DEFAULT_PROBE_EVERY
     steps: int = 0
     values: dict[int, float] = field(default_factory=dict)
+    interval: int = 0  # backward passes from one probe to the next (``every``, doubled while stable)
+    _next: int = 0  # the pass that probes next
     _pending: dict[int, float] = field(default_factory=dict)
     _skipped: bool = False  # this pass met a gradient that was not finite: nothing measured there
     _again: bool = False  # the next pass probes (the last probe was skipped somewhere)
 
     def probing(self) -> bool:
-        """Whether the backward pass now starting probes (the first one, then every ``every``, and the
-        one after a probe that met non-finite gradients)."""
-        return self.every > 0 and (self._again or self.steps % self.every == 0)
+        """Whether the backward pass now starting probes: the first one, then one every ``interval``
+        (``every``, doubled after each probe that found the sensitivities stable, up to
+        ``BACKOFF * every``), and the one after a probe that met non-finite gradients."""
+        return self.every > 0 and (self._again or self.steps >= self._next)
 
     def skip(self) -> None:
         """A VJP to probe was not finite (an fp16 step whose gradients overflowed, which a GradScaler
@@ -84,10 +102,17 @@ class Sensitivity:
             s = math.inf
         self._pending[j] = max(s, self._pending.get(j, 0.0))
 
-    def finish(self, probed: bool) -> None:
+    def finish(self, probed: bool, corrected: bool = False) -> None:
         """End of a backward pass: a probe's measurements replace the previous ones (activations the
-        probe could not measure, for hooks, keep theirs)."""
+        probe could not measure, for hooks, keep theirs) and set when to probe next. ``corrected``: the
+        pass corrected a block (the chain is not settled: probe again after ``every``)."""
         if probed:
+            # A block measured for the first time counts as stable if its sensitivity tightens nothing.
+            stable = bool(self.values) and not corrected and all(
+                s <= GROWTH * max(self.values.get(j, BUDGET), BUDGET) for j, s in self._pending.items()
+            )
+            self.interval = min(2 * max(self.interval, self.every), BACKOFF * self.every) if stable else self.every
+            self._next = self.steps + self.interval
             self.values = {**self.values, **self._pending}
             self._pending = {}
             self._again, self._skipped = self._skipped, False
@@ -101,9 +126,12 @@ def perturbed(h: torch.Tensor, eps: float, step: int) -> torch.Tensor:
     are neither used nor advanced.
     """
     gen = torch.Generator(device=h.device).manual_seed(_SEED + step)
-    v = torch.randn(h.shape, generator=gen, device=h.device, dtype=torch.float32)
+    # In float64 for a float64 activation: rounded to float32, it would move by ~1e-8 whatever eps
+    # (1e-11 at the least), and the sensitivity would read a thousand times too high.
+    acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+    v = torch.randn(h.shape, generator=gen, device=h.device, dtype=torch.float32).to(acc)
     flat_v = v.reshape(h.shape[0], -1)
-    flat_h = h.detach().reshape(h.shape[0], -1).float()
+    flat_h = h.detach().reshape(h.shape[0], -1).to(acc)
     scale = eps * torch.linalg.vector_norm(flat_h, dim=1) / torch.linalg.vector_norm(flat_v, dim=1).clamp_min(1e-30)
     return (flat_h + flat_v * scale[:, None]).reshape(h.shape).to(h.dtype)
 

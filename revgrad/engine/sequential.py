@@ -53,13 +53,15 @@ class ReversibleSequential(nn.Sequential):
         warn: warn and log on each correction.
         adaptive_budget: bytes that adaptive and drift anchors may hold together (``None``: twice
             what the regular anchors would); ``0`` disables both.
-        release_after: clean steps after which an adaptive anchor is released; uses after which a
-            drift anchor is (one at a time).
+        release_after: clean steps after which an adaptive anchor is released (its rebuild is
+            measured every ``release_after // 10`` steps); uses after which a drift anchor is (one at
+            a time).
         graph_budget: bytes of autograd graphs the last blocks may hold instead of being recomputed
             in backward (faster; measured per block in backward, kept from the next step on; see
             :mod:`revgrad.engine.graph_budget`). 0 (default): every block is reversible.
         probe_every: gradient-aware checks (``check != "off"``): in the first backward and then every
-            ``probe_every`` backward passes, measure how much each block's VJP moves with the activation
+            ``probe_every`` backward passes (twice as late after each probe that found the chain stable,
+            up to ``8 * probe_every``), measure how much each block's VJP moves with the activation
             it is computed from, and tighten that activation's tolerance to ``tol / sensitivity``
             (:mod:`revgrad.engine.sensitivity`). 0: activations are checked against ``tol`` only.
 

@@ -38,6 +38,7 @@ A NaN or Inf anywhere in the rebuilt sample makes its error NaN, and NaN never p
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -89,6 +90,16 @@ def _one_chunk_weights(dim: int, directions: int, device: torch.device, dtype: t
     return (within[:dim] * flips[0]).contiguous()
 
 
+@functools.lru_cache(maxsize=64)
+def _one_chunk_part_weights(
+    sizes: tuple[int, ...], directions: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, ...]:
+    """The rows of :func:`_one_chunk_weights` that multiply each part of a sample of parts ``sizes``."""
+    weights = _one_chunk_weights(sum(sizes), directions, device, dtype)
+    starts = [sum(sizes[:k]) for k in range(len(sizes))]
+    return tuple(weights[a : a + n].contiguous() for a, n in zip(starts, sizes))
+
+
 def sign_tables(
     dim: int, device: torch.device, directions: int = DEFAULT_DIRECTIONS
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,10 +139,23 @@ def fingerprint(x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.
 def fingerprint_parts(*parts: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.Tensor:
     """Fingerprint of ``torch.cat(parts, dim=1)`` (each ``[B, ...]``), without concatenating when every
     part but the last holds a whole number of 128-element chunks per sample (else it concatenates)."""
-    sizes = [p[0].numel() for p in parts]
+    sizes = [math.prod(p.shape[1:]) for p in parts]
+    total = sum(sizes)
+    acc = _accumulation_dtype(parts[0].dtype)
+    if (total <= CHUNK and all(p.dtype == parts[0].dtype for p in parts) and not dispatch.use_kernels(*parts)
+            and not torch.is_autocast_enabled(parts[0].device.type)):
+        # One chunk in all (small samples, checked at every block of a small flow): one product per
+        # part with its rows of the combined weights, accumulated in place, no concatenation.
+        out = None
+        for p, w in zip(parts, _one_chunk_part_weights(tuple(sizes), directions, parts[0].device, acc)):
+            flat = p.detach().reshape(p.shape[0], -1)
+            flat = flat if flat.dtype == acc else flat.to(acc)
+            out = flat @ w if out is None else torch.addmm(out, flat, w)
+        assert out is not None
+        return out.to(torch.float64)
     if any(n % CHUNK for n in sizes[:-1]) or dispatch.use_kernels(*parts):
         return fingerprint(torch.cat([p.detach().reshape(p.shape[0], -1) for p in parts], dim=1), directions)
-    total, first, out = sum(sizes), 0, None
+    first, out = 0, None
     for p, n in zip(parts, sizes):
         partial = fingerprint_reference(p, directions, first_chunk=first // CHUNK, dim_total=total)
         out = partial if out is None else out + partial
