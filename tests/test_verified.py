@@ -301,7 +301,8 @@ def test_fused_blocks_differentiate_at_their_stored_input(monkeypatch, stored):
 
 @pytest.fixture
 def deferred(monkeypatch):
-    """Checks deferred as on CUDA, on any device; counts the per-block reads (``_measure``)."""
+    """Checks deferred whatever the previous step did (REVGRAD_DEFER_CHECKS=always); counts the per-block reads
+    (``_measure``)."""
     monkeypatch.setattr(revgrad.engine.backprop, "DEFER_CHECKS", "always")
     reads: list[int] = []
     original = revgrad.engine.backprop._Backward._measure
