@@ -137,15 +137,17 @@ def fingerprint(x: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.
 
 
 def fingerprint_parts(*parts: torch.Tensor, directions: int = DEFAULT_DIRECTIONS) -> torch.Tensor:
-    """Fingerprint of ``torch.cat(parts, dim=1)`` (each ``[B, ...]``), without concatenating when every
-    part but the last holds a whole number of 128-element chunks per sample (else it concatenates)."""
+    """Fingerprint of ``torch.cat(parts, dim=1)`` (each ``[B, ...]``), without concatenating when the
+    parts hold one chunk (128 elements) per sample in all, or when every part but the last holds a whole
+    number of chunks (else it concatenates)."""
     sizes = [math.prod(p.shape[1:]) for p in parts]
     total = sum(sizes)
-    acc = _accumulation_dtype(parts[0].dtype)
-    if (total <= CHUNK and all(p.dtype == parts[0].dtype for p in parts) and not dispatch.use_kernels(*parts)
+    kernels = dispatch.use_kernels(*parts)
+    if (total <= CHUNK and not kernels and all(p.dtype == parts[0].dtype for p in parts)
             and not torch.is_autocast_enabled(parts[0].device.type)):
         # One chunk in all (small samples, checked at every block of a small flow): one product per
         # part with its rows of the combined weights, accumulated in place, no concatenation.
+        acc = _accumulation_dtype(parts[0].dtype)
         out = None
         for p, w in zip(parts, _one_chunk_part_weights(tuple(sizes), directions, parts[0].device, acc)):
             flat = p.detach().reshape(p.shape[0], -1)
@@ -153,7 +155,7 @@ def fingerprint_parts(*parts: torch.Tensor, directions: int = DEFAULT_DIRECTIONS
             out = flat @ w if out is None else torch.addmm(out, flat, w)
         assert out is not None
         return out.to(torch.float64)
-    if any(n % CHUNK for n in sizes[:-1]) or dispatch.use_kernels(*parts):
+    if any(n % CHUNK for n in sizes[:-1]) or kernels:
         return fingerprint(torch.cat([p.detach().reshape(p.shape[0], -1) for p in parts], dim=1), directions)
     first, out = 0, None
     for p, n in zip(parts, sizes):
